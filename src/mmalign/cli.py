@@ -1,0 +1,303 @@
+"""``mmalign <command>``: the command-line interface.
+
+Every training recipe takes the same common flags (``--model --data --out --steps --batch-size --seed --config``)
+plus ``key=value`` overrides; flags and overrides win over the YAML file. Errors in the user's input (data, config,
+model directory) end with a one-line message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from mmalign.errors import ConfigError, DataError, ModelError
+
+log = logging.getLogger("mmalign")
+
+
+def _add_world(sub: Any) -> None:
+    p = sub.add_parser("world", help="write the synthetic scene world (images, captions, SFT, POPE, CHAIR)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--train", type=int, default=2000, help="training scenes")
+    p.add_argument("--eval", type=int, default=200, help="held-out evaluation scenes")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--pair-prob", type=float, default=0.9, help="co-occurrence probability of planted pairs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_world)
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from mmalign.world import make_world
+
+    summary = make_world(
+        args.out,
+        n_train=args.train,
+        n_eval=args.eval,
+        seed=args.seed,
+        image_size=args.image_size,
+        pair_prob=args.pair_prob,
+    )
+    print(
+        f"wrote world to {summary.root}: {summary.n_train} train / {summary.n_eval} eval scenes, "
+        f"{summary.n_sft} SFT rows, POPE {summary.n_pope}"
+    )
+    return 0
+
+
+def _add_model(sub: Any) -> None:
+    p = sub.add_parser("model", help="model utilities")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    init = msub.add_parser("init", help="build a small random-init model of a real VLM architecture")
+    init.add_argument("--family", default="llava", help="llava | qwen2-vl | idefics3")
+    init.add_argument("--out", required=True)
+    init.add_argument("--image-size", type=int, default=64)
+    init.add_argument(
+        "--vocab-from",
+        nargs="*",
+        default=None,
+        help="data files or world directories whose text makes the vocabulary",
+    )
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--size", default=None, help="JSON of TinySize fields, e.g. '{\"text_layers\": 2}'")
+    init.set_defaults(func=cmd_model_init)
+
+
+def cmd_model_init(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from mmalign.models.build import build_tiny, save_model
+    from mmalign.models.families import TinySize
+    from mmalign.models.vocab import corpus_texts
+
+    size = TinySize(image_size=args.image_size)
+    if args.size:
+        try:
+            size = replace(size, **json.loads(args.size))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--size: {exc}") from None
+    texts = corpus_texts(args.vocab_from)
+    model, processor = build_tiny(args.family, texts, size=size, seed=args.seed)
+    out = save_model(model, processor, args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"built {args.family} ({n / 1e6:.2f}M parameters, vocabulary {len(processor.tokenizer)}) in {out}")
+    return 0
+
+
+def _common_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory (a local Hugging Face checkpoint)")
+    p.add_argument("--data", help="data file (JSONL, Parquet) or saved HF dataset directory")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
+    p.add_argument("--on-bad-record", choices=["fail", "skip"])
+    p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys for sections)")
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="training recipes")
+    tsub = p.add_subparsers(dest="recipe", required=True)
+    for name, text in (("pretrain", "projector alignment on captions"), ("sft", "instruction tuning")):
+        r = tsub.add_parser(name, help=text)
+        _common_train_flags(r)
+        r.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmalign.config import load_config
+    from mmalign.recipes import pretrain, sft
+
+    recipes: dict[str, tuple[type, Callable[..., Path]]] = {
+        "pretrain": (pretrain.PretrainConfig, pretrain.train),
+        "sft": (sft.SftConfig, sft.train),
+    }
+    cls, run = recipes[args.recipe]
+    flags = {
+        "model": args.model,
+        "data": args.data,
+        "out": args.out,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "resume": args.resume,
+        "on_bad_record": args.on_bad_record,
+    }
+    cfg = load_config(cls, args.config, flags, args.overrides)
+    for key in ("model", "data", "out"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"--{key} is required (or set {key}: in the config file)")
+    final = run(cfg)
+    print(f"saved {final}")
+    return 0
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="hallucination benchmarks")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    pope = esub.add_parser("pope", help="POPE: yes/no object existence questions")
+    pope.add_argument("--model", required=True)
+    pope.add_argument("--data", required=True, help="POPE question file or world directory")
+    pope.add_argument("--split", default="all", choices=["random", "popular", "adversarial", "all"])
+    pope.add_argument(
+        "--method",
+        default="generate",
+        choices=["generate", "logits"],
+        help="greedy generation (official) or the one-forward Yes/No logit fast path",
+    )
+    pope.add_argument("--suffix", default="", help="text appended to each question (LLaVA-1.5: see docs)")
+    pope.add_argument("--batch-size", type=int, default=32)
+    pope.add_argument("--out", required=True, help="result JSON")
+    pope.set_defaults(func=cmd_eval_pope)
+
+    score = esub.add_parser("score-pope", help="score a POPE answer file against a label file")
+    score.add_argument("--answers", required=True)
+    score.add_argument("--labels", required=True)
+    score.add_argument("--out", required=True)
+    score.set_defaults(func=cmd_score_pope)
+
+    chair = esub.add_parser("chair", help="CHAIR: caption hallucination")
+    chair.add_argument("--model", required=True)
+    chair.add_argument("--data", required=True, help="prompts file (Sample rows) or world directory")
+    chair.add_argument("--annotations", default=None, help="ground-truth objects (JSONL or COCO instances)")
+    chair.add_argument("--vocab", default=None, help="synonyms JSON (default: world vocab beside data, else COCO)")
+    chair.add_argument("--max-new-tokens", type=int, default=64)
+    chair.add_argument("--batch-size", type=int, default=16)
+    chair.add_argument("--limit", type=int, default=None)
+    chair.add_argument("--out", required=True)
+    chair.set_defaults(func=cmd_eval_chair)
+
+    sc = esub.add_parser("score-chair", help="score captions against object annotations")
+    sc.add_argument("--captions", required=True)
+    sc.add_argument("--annotations", required=True, help="JSONL objects per image or COCO instances_*.json")
+    sc.add_argument("--coco-captions", default=None, help="COCO captions_*.json (their objects join the truth)")
+    sc.add_argument("--vocab", default=None, help="synonyms JSON (default COCO)")
+    sc.add_argument("--out", required=True)
+    sc.set_defaults(func=cmd_score_chair)
+
+
+def _write_json(path: str | Path, obj: Any) -> None:
+    from mmalign.runtime.checkpoint import atomic_write_text
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps(obj, indent=2) + "\n")
+
+
+def cmd_eval_pope(args: argparse.Namespace) -> int:
+    from mmalign.eval.pope import evaluate_pope, load_pope_sets, summary_table
+    from mmalign.models.load import load_model
+
+    sets = load_pope_sets(args.data, args.split)
+    loaded = load_model(args.model)
+    out = Path(args.out)
+    results = evaluate_pope(
+        loaded.model,
+        loaded.processor,
+        sets,
+        method=args.method,
+        suffix=args.suffix,
+        batch_size=args.batch_size,
+        answers_out=out.with_suffix(".answers.jsonl"),
+    )
+    _write_json(out, results if len(results) > 1 else next(iter(results.values())))
+    print(summary_table(results))
+    return 0
+
+
+def cmd_score_pope(args: argparse.Namespace) -> int:
+    from mmalign.eval.pope_score import pope_markdown_table, score_pope_files
+
+    result = score_pope_files(args.answers, args.labels)
+    _write_json(args.out, result)
+    table = {"all": result, **result.get("by_category", {})}
+    print(pope_markdown_table(table))
+    return 0
+
+
+def cmd_eval_chair(args: argparse.Namespace) -> int:
+    from mmalign.eval.chair import evaluate_chair
+    from mmalign.eval.chair_score import chair_markdown_table
+    from mmalign.models.load import load_model
+
+    loaded = load_model(args.model)
+    out = Path(args.out)
+    result = evaluate_chair(
+        loaded.model,
+        loaded.processor,
+        args.data,
+        vocab=args.vocab,
+        annotations=args.annotations,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        captions_out=out.with_suffix(".captions.jsonl"),
+    )
+    _write_json(out, result)
+    print(chair_markdown_table(result))
+    return 0
+
+
+def cmd_score_chair(args: argparse.Namespace) -> int:
+    from mmalign.eval.chair_score import ChairVocab, chair_markdown_table, score_chair_files
+
+    vocab = ChairVocab.from_file(args.vocab) if args.vocab else None
+    result = score_chair_files(args.captions, args.annotations, args.coco_captions, vocab)
+    _write_json(args.out, result)
+    print(chair_markdown_table(result))
+    return 0
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="the main job: world → pretrain → SFT → POPE/CHAIR → report")
+    p.add_argument("--quick", action="store_true", help="the 2-minute profile")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmalign.demo import run_demo
+
+    report = run_demo(Path(args.out), quick=args.quick, seed=args.seed)
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmalign", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_world, _add_model, _add_train, _add_eval, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, ConfigError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Typed run configuration: YAML files, command-line flags and ``key=value`` overrides.
+
+Precedence: defaults < YAML file (``--config``) < explicit flags < ``key=value`` overrides. Unknown keys are
+errors that name the closest valid key, so a typo never silently does nothing. YAML is plain data: no dotted
+class paths, nothing is instantiated from it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mmalign.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FreezeConfig(Section):
+    """Which parts of the VLM are frozen (not trained)."""
+
+    vision: bool = True
+    projector: bool = False
+    llm: bool = True
+
+
+class LoraConfig(Section):
+    """LoRA adapters on the language model (through ``peft``)."""
+
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] | None = None
+
+
+class TrainConfig(Section):
+    """Settings shared by every training recipe.
+
+    ``model``, ``data`` and ``out`` are required (from the command line or the YAML file).
+    """
+
+    model: str = ""
+    data: str = ""
+    out: str = ""
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, ge=0)
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = Field(10, ge=1)
+    save_every: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    on_bad_record: Literal["fail", "skip"] = "fail"
+    max_samples: int | None = Field(None, ge=1)
+    resume: bool = False
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    # Where the sequence is cut; image tokens are never truncated (an over-long sample is an error).
+    max_length: int = Field(2048, ge=16)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.lora.enabled and not self.freeze.llm:
+            raise ValueError("lora.enabled needs freeze.llm=true (LoRA adapts a frozen language model)")
+        if self.freeze.vision and self.freeze.projector and self.freeze.llm and not self.lora.enabled:
+            raise ValueError("every part is frozen and LoRA is off: nothing would be trained")
+        return self
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value the way YAML would (``true``, ``3``, ``1e-4``, ``[a, b]``, ``null``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _defaults_tree(cls: type[BaseModel]) -> dict[str, Any]:
+    """The class's defaults as plain data, so a partial section (``freeze.vision=false``) keeps the
+    recipe's defaults for its other keys instead of the section class's."""
+    tree: dict[str, Any] = {}
+    for name, info in cls.model_fields.items():
+        value = info.get_default(call_default_factory=True)
+        tree[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _known_keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, info in cls.model_fields.items():
+        keys.append(prefix + name)
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _explain(cls: type[BaseModel], err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    known = _known_keys(cls)
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"unknown key {loc!r}{hint}")
+        else:
+            lines.append(f"{loc or 'config'}: {e['msg']}")
+    return ConfigError(f"invalid configuration from {source}: " + "; ".join(lines))
+
+
+def load_config(
+    cls: type[C],
+    path: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> C:
+    """Build a config of type ``cls`` from a YAML file, explicit flags and ``key=value`` overrides.
+
+    Args:
+        cls: the config model.
+        path: optional YAML file (a mapping at the top level).
+        flags: explicit command-line values; ``None`` values mean "not given" and are ignored.
+        overrides: ``key=value`` strings; dotted keys reach nested sections (``freeze.vision=false``).
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys (with the closest valid key), invalid values.
+    """
+    tree = _defaults_tree(cls)
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
+        _merge(tree, loaded)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, _, text = item.partition("=")
+        _set_dotted(tree, key.strip(), _parse_scalar(text.strip()))
+        source = f"{source} + overrides" if "overrides" not in source else source
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as err:
+        raise _explain(cls, err, source) from None
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the resolved config next to a run's outputs, so the run can be reproduced."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

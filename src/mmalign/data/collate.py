@@ -1,0 +1,111 @@
+"""Turn ``Sample`` records into model inputs: chat template, image tokens, loss masks.
+
+The processor of the model does the architecture-specific part (image placeholder expansion, pixel values, grid
+sizes); this module adds what training needs on top: labels that are ``-100`` everywhere except on the assistant
+turns (the end-of-turn token included, so the model learns to stop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mmalign.types import Message, Sample
+
+IGNORE_INDEX = -100
+
+
+def hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Records → the message dicts chat templates expect."""
+    return [m.to_hf() for m in messages]
+
+
+def render(processor: Any, messages: Sequence[Message], *, generation_prompt: bool = False) -> str:
+    """The chat-template text of ``messages``."""
+    return processor.apply_chat_template(hf_messages(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def assistant_spans(processor: Any, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """Full text and the character spans of each assistant turn (generation prompt excluded).
+
+    A span starts where the generation prompt of that turn ends and stops where the rendering of the
+    conversation up to and including that turn ends, so it covers the reply and its end-of-turn marker.
+    """
+    full = render(processor, messages)
+    spans = []
+    for j, msg in enumerate(messages):
+        if msg.role != "assistant":
+            continue
+        before = render(processor, messages[:j], generation_prompt=True)
+        upto = render(processor, messages[: j + 1])
+        if not full.startswith(before) or not full.startswith(upto):
+            raise ValueError("chat template is not prefix-stable; cannot locate assistant turns")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def _encode_images(samples: Sequence[Sample]) -> list[list[Any]] | None:
+    groups = [s.load_images() for s in samples]
+    return groups if any(groups) else None
+
+
+def processor_inputs(
+    processor: Any,
+    texts: list[str],
+    images: list[list[Any]] | None,
+    *,
+    padding_side: str,
+) -> dict[str, torch.Tensor]:
+    """Call the processor on a batch of rendered texts (with their images)."""
+    tok = _tokenizer(processor)
+    tok.padding_side = padding_side
+    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+    if images is not None:
+        kwargs["images"] = images
+    enc = processor(**kwargs)
+    return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+
+def encode_sft(processor: Any, samples: Sequence[Sample], max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Encode conversations for teacher-forced training; labels only on assistant turns.
+
+    Returns:
+        Processor outputs (``input_ids`` [B, T], ``attention_mask`` [B, T], pixel tensors ...) plus ``labels``
+        [B, T] with ``IGNORE_INDEX`` on prompt, image and padding positions.
+
+    Raises:
+        ValueError: a sample longer than ``max_length`` (image tokens are never truncated).
+    """
+    tok = _tokenizer(processor)
+    rendered = [assistant_spans(processor, s.messages) for s in samples]
+    enc = processor_inputs(processor, [r[0] for r in rendered], _encode_images(samples), padding_side="right")
+    ids = enc["input_ids"]
+    lengths = enc["attention_mask"].sum(dim=1).tolist()
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for row, ((text, spans), length) in enumerate(zip(rendered, lengths)):
+        if max_length is not None and length > max_length:
+            raise ValueError(f"sample {samples[row].id!r} has {length} tokens > max_length={max_length}")
+        for start, end in spans:
+            # Count tokens from the end: the text after an assistant span holds no image placeholders in
+            # single-image conversations, so tokenizing it alone gives the same tokens as in context.
+            n_from_start = len(tok(text[start:], add_special_tokens=False)["input_ids"])
+            n_from_end = len(tok(text[end:], add_special_tokens=False)["input_ids"])
+            a, b = length - n_from_start, length - n_from_end
+            tail = tok(text[start:], add_special_tokens=False)["input_ids"]
+            if a < 0 or ids[row, a:length].tolist() != tail:
+                raise ValueError(f"sample {samples[row].id!r}: cannot align the assistant turn with its tokens")
+            labels[row, a:b] = ids[row, a:b]
+    enc["labels"] = labels
+    return enc
+
+
+def encode_prompts(processor: Any, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    """Encode the prompt turns of each sample with the generation prompt, left-padded for generation."""
+    texts = [render(processor, s.prompt_messages, generation_prompt=True) for s in samples]
+    return processor_inputs(processor, texts, _encode_images(samples), padding_side="left")

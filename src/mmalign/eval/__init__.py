@@ -1,0 +1,1 @@
+"""Evaluation: benchmark runners (POPE, CHAIR, ...) and their model-free scoring functions."""

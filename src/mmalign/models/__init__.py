@@ -1,0 +1,1 @@
+"""VLM loading, tiny-model builders, per-architecture quirks, freezing and LoRA."""

@@ -1,0 +1,323 @@
+"""Per-architecture quirks, in one place.
+
+Everything that differs between VLM families lives here: which transformers classes to use, the image
+placeholder token, the module names of the vision tower, the projector and the language model (for freezing and
+LoRA targets), and how to build a small random-init model of the family offline. The rest of the toolkit is
+architecture-agnostic and asks this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mmalign.models.processor import ImageTokenProcessor
+
+# Chat templates for the tiny models. They follow the shape of each family's real template, without newlines
+# so that the word-level tokenizer needs no whitespace tokens.
+LLAVA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{% elif m['role'] == 'assistant' %}<|assistant|>"
+    "{% else %}<|system|>{% endif %}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+QWEN2VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+IDEFICS3_TEMPLATE = (
+    "<|begin_of_text|>{% for m in messages %}{{ m['role'] | capitalize }}:"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Dimensions of a small random-init model (defaults: fast on a laptop CPU, able to learn the world)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    text_intermediate: int = 384
+    max_positions: int = 1024
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the toolkit must know about one VLM architecture.
+
+    Attributes:
+        name: family name used on the command line.
+        model_types: ``config.model_type`` values that belong to the family.
+        vision_modules / projector_modules / language_modules: attribute paths (from the top-level model)
+            of the three parts, used by the freezing policy.
+        lora_targets: module-name suffixes of the language model's linear layers that LoRA adapts.
+        image_token: the placeholder in chat text that the processor expands into image tokens.
+        special_tokens: tokens a word-level tokenizer for a tiny model of the family needs.
+        chat_template: template for the tiny model's tokenizer and processor.
+        build_tiny: builds (model, processor) of the family from a tokenizer and a ``TinySize``.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    vision_modules: tuple[str, ...]
+    projector_modules: tuple[str, ...]
+    language_modules: tuple[str, ...]
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    image_token: str = "<image>"
+    special_tokens: tuple[str, ...] = ()
+    pad_token: str = "<pad>"
+    eos_token: str = "<|end|>"
+    bos_token: str | None = None
+    chat_template: str = ""
+    build_tiny: Callable[[Any, TinySize], tuple[torch.nn.Module, Any]] | None = field(default=None, repr=False)
+
+
+def _llama_text(tok: Any, size: TinySize) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "vocab_size": len(tok),
+        "hidden_size": size.text_hidden,
+        "intermediate_size": size.text_intermediate,
+        "num_hidden_layers": size.text_layers,
+        "num_attention_heads": size.text_heads,
+        "num_key_value_heads": size.text_heads,
+        "max_position_embeddings": size.max_positions,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "tie_word_embeddings": False,
+    }
+
+
+def _build_llava(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    vision = CLIPVisionConfig(
+        hidden_size=size.vision_hidden,
+        intermediate_size=size.vision_hidden * 4,
+        num_hidden_layers=size.vision_layers,
+        num_attention_heads=size.vision_heads,
+        image_size=size.image_size,
+        patch_size=size.patch_size,
+        projection_dim=size.vision_hidden,
+    )
+    n_patches = (size.image_size // size.patch_size) ** 2
+    text = LlamaConfig(**{k: v for k, v in _llama_text(tok, size).items() if k != "model_type"})
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=n_patches,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size.image_size},
+        crop_size={"height": size.image_size, "width": size.image_size},
+        do_center_crop=True,
+        do_resize=True,
+    )
+    # The CLIP tower emits a CLS token beside the patches; the "default" strategy drops it, and the processor
+    # must count it (num_additional_image_tokens=1) for image tokens and features to agree.
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=size.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tok.chat_template,
+    )
+    return model, processor
+
+
+def _build_qwen2vl(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    head_dim = size.text_hidden // size.text_heads
+    # M-RoPE splits the rotary half-dimension into temporal / height / width sections.
+    half = head_dim // 2
+    sections = [half - 2 * (half // 3), half // 3, half // 3]
+    text = _llama_text(tok, size)
+    text.pop("model_type")
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}
+    vision = {
+        "depth": size.vision_layers,
+        "embed_dim": size.vision_hidden,
+        "hidden_size": size.text_hidden,
+        "num_heads": size.vision_heads,
+        "patch_size": size.patch_size,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    pixels = size.image_size * size.image_size
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=pixels,
+        max_pixels=pixels,
+        patch_size=size.patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    try:
+        processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
+    except (TypeError, AttributeError, ImportError):
+        # transformers wants a video processor, which needs torchvision; use the image-only equivalent.
+        processor = ImageTokenProcessor(tok, image_processor, "<|image_pad|>")
+    return model, processor
+
+
+def _build_idefics3(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    vision = {
+        "hidden_size": size.vision_hidden,
+        "intermediate_size": size.vision_hidden * 4,
+        "num_hidden_layers": size.vision_layers,
+        "num_attention_heads": size.vision_heads,
+        "image_size": size.image_size,
+        "patch_size": size.patch_size,
+    }
+    scale = 2
+    config = Idefics3Config(
+        text_config=_llama_text(tok, size),
+        vision_config=vision,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=scale,
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": size.image_size},
+        max_image_size={"longest_edge": size.image_size},
+    )
+    seq_len = (size.image_size // size.patch_size) ** 2 // (scale * scale)
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len, chat_template=tok.chat_template
+    )
+    return model, processor
+
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family(
+        name="llava",
+        model_types=("llava",),
+        vision_modules=("model.vision_tower",),
+        projector_modules=("model.multi_modal_projector",),
+        language_modules=("model.language_model", "lm_head"),
+        special_tokens=(
+            "<pad>",
+            "<unk>",
+            "<s>",
+            "<|end|>",
+            "<image>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|system|>",
+        ),
+        bos_token="<s>",
+        chat_template=LLAVA_TEMPLATE,
+        build_tiny=_build_llava,
+    ),
+    "qwen2-vl": Family(
+        name="qwen2-vl",
+        model_types=("qwen2_vl", "qwen2_5_vl"),
+        vision_modules=("model.visual.patch_embed", "model.visual.blocks", "model.visual.rotary_pos_emb"),
+        projector_modules=("model.visual.merger",),
+        language_modules=("model.language_model", "lm_head"),
+        image_token="<|image_pad|>",
+        special_tokens=(
+            "<|endoftext|>",
+            "<unk>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+        ),
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=QWEN2VL_TEMPLATE,
+        build_tiny=_build_qwen2vl,
+    ),
+    "idefics3": Family(
+        name="idefics3",
+        model_types=("idefics3", "smolvlm"),
+        vision_modules=("model.vision_model",),
+        projector_modules=("model.connector",),
+        language_modules=("model.text_model", "lm_head"),
+        special_tokens=(
+            "<|endoftext|>",
+            "<unk>",
+            "<|begin_of_text|>",
+            "<end_of_utterance>",
+            "<image>",
+            "<fake_token_around_image>",
+            "<global-img>",
+        ),
+        pad_token="<|endoftext|>",
+        eos_token="<end_of_utterance>",
+        bos_token="<|begin_of_text|>",
+        chat_template=IDEFICS3_TEMPLATE,
+        build_tiny=_build_idefics3,
+    ),
+}
+
+
+def family_of(config: Any) -> Family | None:
+    """The family of a loaded model's config, or ``None`` for an architecture without registered quirks."""
+    model_type = getattr(config, "model_type", "")
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    return None
+
+
+def get_family(name: str) -> Family:
+    """Look a family up by its command-line name."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}") from None

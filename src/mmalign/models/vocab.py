@@ -1,0 +1,55 @@
+"""Collect the text a tiny model's vocabulary is built from."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmalign.data.loaders import iter_jsonl
+from mmalign.errors import DataError
+
+
+def _texts_of_row(row: dict[str, Any]) -> Iterator[str]:
+    for key in ("messages", "conversations", "prompt", "chosen", "rejected"):
+        turns = row.get(key)
+        if isinstance(turns, str):
+            yield turns
+        elif isinstance(turns, list):
+            for turn in turns:
+                if not isinstance(turn, dict):
+                    continue
+                content = turn.get("content", turn.get("value"))
+                if isinstance(content, str):
+                    yield content.replace("<image>", " ")
+                elif isinstance(content, list):
+                    yield from (p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    for key in ("text", "caption", "question", "answer"):
+        if isinstance(row.get(key), str):
+            yield row[key]
+
+
+def texts_from(path: Path) -> list[str]:
+    """All text in a JSONL file, or in every JSONL file of a directory."""
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(path, None, None, "no JSONL files to build a vocabulary from")
+    texts: list[str] = []
+    for f in files:
+        if not f.is_file():
+            raise DataError(f, None, None, "file not found")
+        for _, row in iter_jsonl(f):
+            texts.extend(_texts_of_row(row))
+    return texts
+
+
+def corpus_texts(paths: Sequence[str | Path] | None) -> list[str]:
+    """Texts of the given data files/directories; without any, those of a default synthetic world."""
+    if paths:
+        return [t for p in paths for t in texts_from(Path(p))]
+    from mmalign.world import make_world
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_world(tmp, n_train=1000, n_eval=100, progress=False)
+        return texts_from(Path(tmp))

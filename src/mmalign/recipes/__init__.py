@@ -1,0 +1,1 @@
+"""Training recipes: one linear file per algorithm."""

@@ -1,0 +1,180 @@
+"""Contrastive (CLIP-style) warm-up of a VLM's vision tower on image–caption pairs.
+
+A random-init tower sees nothing; real VLMs inherit towers pretrained contrastively on image–text pairs. This
+stage gives the tiny models of the embedded world the same start: the VLM's own vision path (tower + projector,
+``get_image_features``), mean-pooled over image tokens, is trained against a small throw-away text encoder
+(``CLIPTextModel`` over the VLM's tokenizer) with the symmetric InfoNCE loss of CLIP. Only the vision path is kept.
+Real checkpoints do not need it: their towers already see.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from mmalign.config import TrainConfig, dump_config
+from mmalign.data.loaders import load_samples
+from mmalign.models.load import load_model
+from mmalign.runtime.batching import batch_indices
+from mmalign.runtime.checkpoint import save_model_atomic
+from mmalign.runtime.metrics import MetricsLog
+from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
+from mmalign.runtime.progress import progress_bar
+from mmalign.types import Sample
+
+log = logging.getLogger(__name__)
+
+
+class ContrastiveConfig(TrainConfig):
+    """Vision warm-up: batch size matters (more negatives per step)."""
+
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    text_hidden: int = Field(64, ge=8)
+    text_layers: int = Field(2, ge=1)
+    embed_dim: int = Field(64, ge=8)
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP, Radford et al. 2021, Fig. 3).
+
+    Args:
+        image_emb: [B, D] L2-normalised image embeddings.
+        text_emb: [B, D] L2-normalised text embeddings; row i describes image i.
+        logit_scale: scalar log-temperature (``exp`` is the multiplier of the cosine similarities).
+
+    Returns:
+        Scalar mean of the image→text and text→image cross-entropies.
+    """
+    logits = logit_scale.exp() * image_emb @ text_emb.t()
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+class ContrastiveHeads(torch.nn.Module):
+    """Text encoder and projections used only during the warm-up."""
+
+    def __init__(self, vocab_size: int, pad_id: int, eos_id: int, vision_dim: int, cfg: ContrastiveConfig) -> None:
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        text_cfg = CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_hidden * 4,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            bos_token_id=pad_id,
+        )
+        self.text = CLIPTextModel(text_cfg)
+        self.text_proj = torch.nn.Linear(cfg.text_hidden, cfg.embed_dim, bias=False)
+        self.image_proj = torch.nn.Linear(vision_dim, cfg.embed_dim, bias=False)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.6592))  # log(1/0.07), CLIP's initial temperature
+
+
+def _image_tokens(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over image tokens of the VLM's projected image features: [B, D]."""
+    kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    feats = model.get_image_features(**kwargs)
+    feats = getattr(feats, "pooler_output", feats)
+    if isinstance(feats, (list, tuple)):
+        return torch.stack([f.reshape(-1, f.shape[-1]).mean(0) for f in feats])
+    if feats.dim() == 3:
+        return feats.mean(1)
+    # Flat [sum of tokens, D] (Qwen2-VL): split per image by the grid sizes.
+    merge = model.config.vision_config.spatial_merge_size**2
+    sizes = (batch["image_grid_thw"].prod(-1) // merge).tolist()
+    return torch.stack([chunk.mean(0) for chunk in feats.split(sizes)])
+
+
+def _encode(processor: Any, samples: list[Sample], max_len: int = 96) -> tuple[dict[str, torch.Tensor], dict]:
+    tok = processor.tokenizer
+    images = [s.load_images()[0] for s in samples]
+    vis = processor.image_processor(images=images, return_tensors="pt")
+    texts = [s.target + tok.eos_token for s in samples]
+    tok.padding_side = "right"
+    txt = tok(
+        texts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_len,
+        add_special_tokens=False,
+    )
+    return dict(vis), dict(txt)
+
+
+def train(cfg: ContrastiveConfig) -> Path:
+    """Warm up the vision path of ``cfg.model`` on the captions in ``cfg.data``; saves ``<out>/model``."""
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    loaded = load_model(cfg.model)
+    vlm = loaded.model
+    core = vlm.model
+    samples = [
+        s
+        for s in load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples).samples
+        if s.images and s.target
+    ]
+    tok = loaded.tokenizer
+    with torch.no_grad():
+        probe = _image_tokens(core, _encode(loaded.processor, samples[:2])[0])
+    heads = ContrastiveHeads(len(tok), tok.pad_token_id, tok.eos_token_id, probe.shape[-1], cfg)
+    vision_params = [p for n, p in core.named_parameters() if not n.startswith(_language_prefix(core))]
+    for p in vlm.parameters():
+        p.requires_grad_(False)
+    for p in vision_params:
+        p.requires_grad_(True)
+    bundle = torch.nn.ModuleList([heads])
+    for p in bundle.parameters():
+        p.requires_grad_(True)
+    optimizer = make_optimizer(torch.nn.ModuleList([core, heads]), cfg.lr, cfg.weight_decay)
+    metrics = MetricsLog(out / "metrics.jsonl", tensorboard_dir=out / "tb")
+    warmup = int(cfg.warmup_ratio * cfg.steps)
+    bar = progress_bar(cfg.steps, desc=f"contrastive {out.name}", enabled=cfg.progress)
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        lr = cfg.lr * lr_factor(step, cfg.steps, warmup, cfg.schedule)
+        set_lr(optimizer, lr)
+        idx = batch_indices(len(samples), cfg.batch_size, step, cfg.seed)
+        vis, txt = _encode(loaded.processor, [samples[i] for i in idx])
+        img = F.normalize(heads.image_proj(_image_tokens(core, vis)), dim=-1)
+        txt_out = heads.text(**txt).pooler_output
+        txt_emb = F.normalize(heads.text_proj(txt_out), dim=-1)
+        loss = clip_loss(img, txt_emb, heads.logit_scale.clamp(max=4.6052))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            acc = (img @ txt_emb.t()).argmax(-1).eq(torch.arange(len(idx))).float().mean().item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            metrics.write(
+                step + 1,
+                {"loss": loss.item(), "retrieval_acc": acc, "lr": lr, "elapsed_s": time.perf_counter() - t0},
+            )
+    bar.close()
+    metrics.close()
+    for p in vlm.parameters():
+        p.requires_grad_(True)
+    return save_model_atomic(vlm, loaded.processor, out / "model")
+
+
+def _language_prefix(core: torch.nn.Module) -> str:
+    for name in ("language_model", "text_model"):
+        if hasattr(core, name):
+            return name
+    raise ValueError("cannot find the language model inside the VLM")

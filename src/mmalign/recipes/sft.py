@@ -1,0 +1,181 @@
+"""Supervised next-token training of a VLM: instruction tuning, and (with other defaults) projector pretraining.
+
+Reads top to bottom: accelerator → model (freeze / LoRA) → data → an explicit loop (accumulation, clipping,
+logging, atomic checkpoints, exact resume) → final ``save_pretrained``. The loss is the token-mean cross-entropy
+over assistant tokens only. The same file runs on one CPU and on N GPUs under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from mmalign.config import FreezeConfig, TrainConfig, dump_config
+from mmalign.data.collate import IGNORE_INDEX, encode_sft
+from mmalign.data.loaders import load_samples
+from mmalign.models.load import apply_freeze, apply_lora, count_parameters, load_model
+from mmalign.runtime.batching import batch_indices
+from mmalign.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic
+from mmalign.runtime.metrics import MetricsLog
+from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
+from mmalign.runtime.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+class SftConfig(TrainConfig):
+    """Instruction tuning: projector + language model trained, vision tower frozen (LLaVA stage 2)."""
+
+    lr: float = Field(2e-5, gt=0)
+    freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(vision=True, projector=False, llm=False))
+
+
+def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and the number of such positions."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    n = int(mask.sum())
+    if n == 0:
+        return shift_logits.sum() * 0.0, 0
+    loss = torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
+    return loss, n
+
+
+def _forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    labels = batch.pop("labels")
+    out = model(**batch, use_cache=False)
+    return _token_loss(out.logits, labels)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run supervised training; returns the directory of the final model (``<out>/model``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(cfg.out)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+
+    loaded = load_model(cfg.model)
+    model = loaded.model
+    apply_freeze(model, loaded.family, vision=cfg.freeze.vision, projector=cfg.freeze.projector, llm=cfg.freeze.llm)
+    if cfg.lora.enabled:
+        model = apply_lora(
+            model,
+            loaded.family,
+            r=cfg.lora.r,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
+            targets=cfg.lora.targets,
+        )
+    trainable, total = count_parameters(model)
+    data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
+    if accelerator.is_main_process:
+        log.info("%s", data.summary())
+        log.info("trainable parameters: %d / %d", trainable, total)
+    samples = data.samples
+
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ckpt_root = out / "checkpoints"
+    start = 0
+    if cfg.resume:
+        found = latest_checkpoint(ckpt_root)
+        if found is None:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_root)
+        else:
+            start = load_checkpoint(found, accelerator.unwrap_model(model), optimizer).step
+            log.info("resumed from %s (step %d)", found, start)
+    metrics = (
+        MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None, tensorboard_dir=out / "tb")
+        if accelerator.is_main_process
+        else None
+    )
+
+    warmup = int(cfg.warmup_ratio * cfg.steps)
+    model.train()
+    bar = progress_bar(
+        total=cfg.steps,
+        initial=start,
+        desc=f"train {out.name}",
+        enabled=cfg.progress and accelerator.is_main_process,
+    )
+    t0, tokens_seen, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+    for step in range(start, cfg.steps):
+        lr = cfg.lr * lr_factor(step, cfg.steps, warmup, cfg.schedule)
+        set_lr(optimizer, lr)
+        micro_batches = []
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(
+                len(samples),
+                cfg.batch_size,
+                step * cfg.grad_accum + micro,
+                cfg.seed,
+                accelerator.process_index,
+                accelerator.num_processes,
+            )
+            micro_batches.append(encode_sft(loaded.processor, [samples[i] for i in idx], cfg.max_length))
+        # Normalise by the labelled tokens of the whole (accumulated, all-process) batch, so that gradient
+        # accumulation 4x1 equals 1x4 exactly.
+        n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum").item())
+        step_loss = 0.0
+        for micro, batch in enumerate(micro_batches):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            sync = micro == len(micro_batches) - 1
+            ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
+            with ctx:
+                loss_sum, _ = _forward_loss(model, batch)
+                # DDP averages gradients over processes; scale so the result is the global token mean.
+                accelerator.backward(loss_sum * accelerator.num_processes / max(1, n_total))
+            step_loss += loss_sum.item()
+            tokens_seen += int(batch["attention_mask"].sum())
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = step_loss / max(1, n_local)
+        window_loss, window_n = window_loss + loss_value, window_n + 1
+        elapsed = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
+        done = step + 1
+        if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps):
+            metrics.write(
+                done,
+                {
+                    "loss": window_loss / window_n,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                    "elapsed_s": elapsed,
+                },
+            )
+            window_loss, window_n = 0.0, 0
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt_root, done, accelerator.unwrap_model(model), optimizer, keep=cfg.keep_checkpoints)
+    bar.close()
+    accelerator.wait_for_everyone()
+    final = out / "model"
+    if accelerator.is_main_process:
+        save_checkpoint(ckpt_root, cfg.steps, accelerator.unwrap_model(model), optimizer, keep=cfg.keep_checkpoints)
+        to_save: Any = accelerator.unwrap_model(model)
+        if cfg.lora.enabled:
+            to_save.save_pretrained(out / "adapter")
+            to_save = to_save.merge_and_unload()
+        save_model_atomic(to_save, loaded.processor, final)
+        if metrics is not None:
+            metrics.close()
+    return final

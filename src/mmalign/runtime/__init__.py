@@ -1,0 +1,1 @@
+"""Shared training steps as plain functions: checkpoints, batching, optimisation, metrics."""

@@ -1,0 +1,149 @@
+"""Typed records shared by every part of the toolkit.
+
+Records are validated once, where they are loaded (``mmalign.data``); downstream code trusts the types.
+``Message.content`` is a list of parts shaped like the content lists that Hugging Face chat templates
+consume: ``{"type": "text", "text": ...}``, ``{"type": "image"}``, ``{"type": "audio"}``. Image and audio
+parts are placeholders; the media themselves travel beside the messages in ``Sample.images`` /
+``Sample.audios``, in the order the placeholders appear.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant"]
+PartType = Literal["text", "image", "audio"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One element of a message's content list."""
+
+    type: PartType
+    text: str = ""
+
+    def to_hf(self) -> dict[str, str]:
+        """The dict a Hugging Face chat template expects for this part."""
+        if self.type == "text":
+            return {"type": "text", "text": self.text}
+        return {"type": self.type}
+
+
+@dataclass(frozen=True)
+class Message:
+    """A chat turn: a role and a list of content parts."""
+
+    role: Role
+    content: tuple[Part, ...]
+
+    @property
+    def text(self) -> str:
+        """The concatenated text parts (media placeholders dropped)."""
+        return "".join(p.text for p in self.content if p.type == "text")
+
+    def to_hf(self) -> dict[str, Any]:
+        return {"role": self.role, "content": [p.to_hf() for p in self.content]}
+
+    @staticmethod
+    def user(text: str, images: int = 0) -> Message:
+        """A user turn with ``images`` image placeholders before the text."""
+        parts = (*tuple(Part("image") for _ in range(images)), Part("text", text))
+        return Message("user", parts)
+
+    @staticmethod
+    def assistant(text: str) -> Message:
+        return Message("assistant", (Part("text", text),))
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image given by a path (resolved against the data set root) or by encoded bytes."""
+
+    path: str | None = None
+    data: bytes | None = None
+
+    def open(self, root: str | Path | None = None):  # -> PIL.Image.Image
+        """Decode the image to RGB. Raises ``OSError``/``ValueError`` on unreadable data."""
+        from PIL import Image
+
+        if self.data is not None:
+            img = Image.open(io.BytesIO(self.data))
+        elif self.path is not None:
+            p = Path(self.path)
+            if root is not None and not p.is_absolute():
+                p = Path(root) / p
+            img = Image.open(p)
+        else:
+            raise ValueError("ImageRef has neither path nor data")
+        img.load()
+        return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class AudioRef:
+    """An audio clip given by a path or encoded bytes (WAV)."""
+
+    path: str | None = None
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training or evaluation example: a conversation plus its media.
+
+    Attributes:
+        id: unique id within its data set.
+        messages: the conversation; for training the assistant turns are the targets.
+        images: one ``ImageRef`` per image placeholder, in order.
+        audios: one ``AudioRef`` per audio placeholder, in order.
+        root: directory that relative media paths resolve against.
+        meta: free-form fields carried along (ground-truth objects, question type, ...).
+    """
+
+    id: str
+    messages: tuple[Message, ...]
+    images: tuple[ImageRef, ...] = ()
+    audios: tuple[AudioRef, ...] = ()
+    root: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def load_images(self) -> list:
+        """Decode every image of the sample (RGB PIL images)."""
+        return [ref.open(self.root) for ref in self.images]
+
+    @property
+    def prompt_messages(self) -> tuple[Message, ...]:
+        """All turns before the final assistant turn."""
+        if self.messages and self.messages[-1].role == "assistant":
+            return self.messages[:-1]
+        return self.messages
+
+    @property
+    def target(self) -> str:
+        """Text of the final assistant turn ('' if the sample ends with a user turn)."""
+        if self.messages and self.messages[-1].role == "assistant":
+            return self.messages[-1].text
+        return ""
+
+
+@dataclass(frozen=True)
+class PopeQuestion:
+    """One POPE yes/no question (official schema: ``question_id``, ``image``, ``text``, ``label``)."""
+
+    question_id: int
+    image: str
+    text: str
+    label: Literal["yes", "no"]
+    split: str = ""
+    object: str = ""
+
+
+@dataclass(frozen=True)
+class ObjectAnnotation:
+    """Ground-truth object categories of one image (CHAIR input)."""
+
+    image_id: str
+    objects: tuple[str, ...]

@@ -1,0 +1,162 @@
+"""The world's words: shape names and synonyms, noun phrases and captions.
+
+Every caption is built from one fixed vocabulary (``SYNONYMS``, ``plural``) so that CHAIR can map any
+mention back to its canonical shape with ``chair_vocab``. Passing ``rng=None`` gives the canonical
+phrasing (no synonyms, first template), used for ground-truth eval captions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from mmalign.world.config import WorldConfig
+from mmalign.world.scenes import Scene, SceneObject
+
+# Alternative names of a shape; canonical names are the shape names themselves.
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "circle": ("disc",),
+    "square": ("box",),
+    "cross": ("plus", "plus sign"),
+    "diamond": ("rhombus",),
+    "moon": ("crescent", "crescent moon"),
+}
+
+NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+SHORT_TEMPLATES = ("{list}.", "An image of {list}.", "A picture with {list}.", "There is {list}.")
+INTRO_TEMPLATES = (
+    "There {are} {n} {objects}.",
+    "The image shows {n} {objects}: {list}.",
+    "There {are} {n} {shapes} in the image.",
+)
+OBJECT_TEMPLATES = ("{A_np} is {where}.", "{Where}, there is {a_np}.", "You can see {a_np} {where}.")
+
+
+def plural(word: str) -> str:
+    """English plural of a (possibly multi-word) shape name: ``cross`` → ``crosses``."""
+    if word.endswith(("s", "x", "sh", "ch")):
+        return word + "es"
+    return word + "s"
+
+
+def article(word: str) -> str:
+    """``an`` before a vowel-initial word, else ``a``."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def with_article(phrase: str) -> str:
+    return f"{article(phrase)} {phrase}"
+
+
+def number(n: int) -> str:
+    return NUMBERS[n] if n < len(NUMBERS) else str(n)
+
+
+def capitalize(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def join_list(items: Sequence[str]) -> str:
+    """``a, b and c``."""
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def position_phrase(name: str) -> str:
+    """Preposition + position name: ``in the center``, ``on the left``, ``at the top left``."""
+    if name == "center":
+        return "in the center"
+    if name in ("left", "right"):
+        return f"on the {name}"
+    return f"at the {name}"
+
+
+def where(obj: SceneObject, cfg: WorldConfig) -> str:
+    return position_phrase(cfg.positions[obj.row][obj.col])
+
+
+def chair_vocab(cfg: WorldConfig) -> dict[str, dict[str, list[str]]]:
+    """CHAIR vocabulary: canonical shape → [canonical, synonyms..., plural forms...]."""
+    out = {}
+    for shape in cfg.shapes:
+        words = [shape, *SYNONYMS.get(shape, ())]
+        out[shape] = words + [plural(w) for w in words]
+    return {"synonyms": out}
+
+
+def pick_names(scene: Scene, cfg: WorldConfig, rng: random.Random | None) -> dict[str, str]:
+    """The word used for each shape of the scene in one caption (same word throughout the caption)."""
+    names = {}
+    for shape in scene.shapes:
+        syns = SYNONYMS.get(shape, ())
+        use_synonym = rng is not None and syns and rng.random() < cfg.synonym_prob
+        names[shape] = rng.choice(syns) if use_synonym else shape
+    return names
+
+
+def _choice(rng: random.Random | None, options: Sequence[str]) -> str:
+    return options[0] if rng is None else rng.choice(options)
+
+
+def noun_phrase(obj: SceneObject, name: str, with_size: bool) -> str:
+    """``large red star`` (no article)."""
+    return f"{obj.size} {obj.colour} {name}" if with_size else f"{obj.colour} {name}"
+
+
+def group_phrases(scene: Scene, names: dict[str, str], rng: random.Random | None, size_prob: float = 0.3) -> list[str]:
+    """One phrase per distinct shape: ``a red star``, ``two blue moons``, ``two stars``."""
+    phrases = []
+    for shape in scene.shapes:
+        objs = [o for o in scene.objects if o.shape == shape]
+        name = names[shape]
+        if len(objs) == 1:
+            with_size = rng is not None and rng.random() < size_prob
+            phrases.append(with_article(noun_phrase(objs[0], name, with_size)))
+        elif len({o.colour for o in objs}) == 1:
+            phrases.append(f"{number(len(objs))} {objs[0].colour} {plural(name)}")
+        else:
+            phrases.append(f"{number(len(objs))} {plural(name)}")
+    return phrases
+
+
+def short_caption(scene: Scene, cfg: WorldConfig, rng: random.Random | None = None) -> str:
+    """One sentence listing the objects, e.g. ``A red star and a small blue moon.``"""
+    names = pick_names(scene, cfg, rng)
+    phrases = group_phrases(scene, names, rng)
+    template = _choice(rng, SHORT_TEMPLATES)
+    if template.startswith("There is") and not phrases[0].startswith(("a ", "an ")):
+        template = "There are {list}."
+    return capitalize(template.format(list=join_list(phrases)))
+
+
+def detailed_caption(scene: Scene, cfg: WorldConfig, rng: random.Random | None = None) -> str:
+    """An object count, then one sentence per object in reading order.
+
+    Example: ``There are two objects. A large red star is at the top left. A small blue moon is in
+    the center.``
+    """
+    names = pick_names(scene, cfg, rng)
+    n = len(scene.objects)
+    intro = _choice(rng, INTRO_TEMPLATES).format(
+        are="is" if n == 1 else "are",
+        n=number(n),
+        objects="object" if n == 1 else "objects",
+        shapes="shape" if n == 1 else "shapes",
+        list=join_list(group_phrases(scene, names, None)),
+    )
+    sentences = [capitalize(intro)]
+    for obj in scene.objects:
+        a_np = with_article(noun_phrase(obj, names[obj.shape], with_size=True))
+        w = where(obj, cfg)
+        text = _choice(rng, OBJECT_TEMPLATES).format(A_np=a_np, a_np=a_np, where=w, Where=w)
+        sentences.append(capitalize(text))
+    return " ".join(sentences)
+
+
+def caption(scene: Scene, cfg: WorldConfig, rng: random.Random, detailed_prob: float = 0.4) -> str:
+    """A short or a detailed caption, chosen by ``rng``."""
+    if rng.random() < detailed_prob:
+        return detailed_caption(scene, cfg, rng)
+    return short_caption(scene, cfg, rng)

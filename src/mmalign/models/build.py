@@ -17,7 +17,12 @@ from mmalign.models.families import Family, TinySize, get_family
 from mmalign.models.tokenizer import build_word_tokenizer
 
 # Words every tiny model knows even if the vocabulary data lacks them: the POPE answers and common glue.
-BASE_WORDS = ("Yes.", "No.", "yes no not there is are a an the in image of and with")
+BASE_WORDS = (
+    "Yes.",
+    "No.",
+    "yes no not there is are a an the in image of and with",
+    "User: Assistant: System: user assistant system",
+)
 
 
 def build_tiny(

@@ -34,7 +34,7 @@ QWEN2VL_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
 )
 IDEFICS3_TEMPLATE = (
-    "<|begin_of_text|>{% for m in messages %}{{ m['role'] | capitalize }}:"
+    "<|begin_of_text|>{% for m in messages %}{{ m['role'] | capitalize }}: "
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
     "{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<end_of_utterance>{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"

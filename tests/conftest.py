@@ -1,0 +1,41 @@
+"""Shared fixtures: a small synthetic world and tiny random-init models built from it (offline, seconds)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A smaller model than the demo's keeps the tests fast; the architecture is the same.
+TEST_SIZE = '{"vision_hidden": 32, "vision_layers": 1, "text_hidden": 64, "text_layers": 2, "text_intermediate": 128}'
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mmalign.world import make_world
+
+    out = tmp_path_factory.mktemp("world")
+    make_world(out, n_train=80, n_eval=12, seed=1, progress=False)
+    return out
+
+
+def build_model(family: str, world: Path, out: Path) -> Path:
+    import json
+    from dataclasses import replace
+
+    from mmalign.models.build import build_tiny, save_model
+    from mmalign.models.families import TinySize
+    from mmalign.models.vocab import corpus_texts
+
+    size = replace(TinySize(), **json.loads(TEST_SIZE))
+    model, processor = build_tiny(family, corpus_texts([world]), size=size, seed=0)
+    return save_model(model, processor, out)
+
+
+@pytest.fixture(scope="session")
+def llava_dir(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model("llava", world_dir, tmp_path_factory.mktemp("llava"))

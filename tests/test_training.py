@@ -1,0 +1,95 @@
+"""The training loop: determinism, exact resume after a crash, gradient-accumulation invariance, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmalign.config import load_config
+from mmalign.errors import DataError
+from mmalign.recipes import sft
+from mmalign.recipes.sft import SftConfig
+from mmalign.runtime.batching import batch_indices
+
+
+def _cfg(model: Path, data: Path, out: Path, *extra: str) -> SftConfig:
+    return load_config(
+        SftConfig,
+        flags={"model": str(model), "data": str(data), "out": str(out)},
+        overrides=["steps=6", "batch_size=4", "lr=1e-3", "progress=false", "log_every=1", *extra],
+    )
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_same_seed_same_weights(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    data = world_dir / "sft.jsonl"
+    sft.train(_cfg(llava_dir, data, tmp_path / "a", "steps=3"))
+    sft.train(_cfg(llava_dir, data, tmp_path / "b", "steps=3"))
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_crash_reaches_the_same_weights(
+    llava_dir: Path, world_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = world_dir / "sft.jsonl"
+    sft.train(_cfg(llava_dir, data, tmp_path / "full", "save_every=2"))
+
+    calls = {"n": 0}
+    real = sft.encode_sft
+
+    def crash_at_step_5(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "encode_sft", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        sft.train(_cfg(llava_dir, data, tmp_path / "resumed", "save_every=2"))
+    monkeypatch.setattr(sft, "encode_sft", real)
+    assert (tmp_path / "resumed" / "checkpoints" / "step-00000004").is_dir()
+    assert not (tmp_path / "resumed" / "model").exists()
+    sft.train(_cfg(llava_dir, data, tmp_path / "resumed", "save_every=2", "resume=true"))
+
+    full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6)
+    rows = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 6  # no duplicated steps after the resume
+
+
+def test_gradient_accumulation_matches_one_big_batch(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    data = world_dir / "sft.jsonl"
+    sft.train(_cfg(llava_dir, data, tmp_path / "big", "steps=2", "batch_size=8", "max_grad_norm=0"))
+    sft.train(_cfg(llava_dir, data, tmp_path / "acc", "steps=2", "batch_size=4", "grad_accum=2", "max_grad_norm=0"))
+    big, acc = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
+    for k in big:
+        torch.testing.assert_close(acc[k], big[k], rtol=1e-4, atol=1e-6)
+
+
+def test_batch_order_is_a_pure_function_of_the_step() -> None:
+    epoch = [i for m in range(5) for i in batch_indices(20, 4, m, seed=3)]
+    assert sorted(epoch) == list(range(20))
+    assert batch_indices(20, 4, 7, seed=3) == batch_indices(20, 4, 7, seed=3)
+    assert batch_indices(20, 4, 0, seed=3) != batch_indices(20, 4, 0, seed=4)
+    two_procs = batch_indices(20, 2, 1, seed=3, rank=0, world=2) + batch_indices(20, 2, 1, seed=3, rank=1, world=2)
+    assert two_procs == batch_indices(20, 4, 1, seed=3)
+
+
+def test_bad_data_is_reported_or_skipped(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    rows = (world_dir / "sft.jsonl").read_text().splitlines()[:6]
+    rows[2] = rows[2].replace('"images": ["images/', '"images": ["missing/')
+    bad = world_dir / "bad_sft.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"bad_sft.jsonl row 3 field 'images\[0\]'"):
+        sft.train(_cfg(llava_dir, bad, tmp_path / "fail", "steps=1"))
+    final = sft.train(_cfg(llava_dir, bad, tmp_path / "skip", "steps=1", "on_bad_record=skip"))
+    assert (final / "config.json").is_file()

@@ -38,9 +38,9 @@ def test_precedence_defaults_yaml_flags_overrides(tmp_path: Path) -> None:
 
 
 def test_unknown_key_names_the_closest(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown key 'batchsize'.*'batch_size'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'batchsize'.*'batch_size'"):
         load_config(SftConfig, overrides=["batchsize=4"])
-    with pytest.raises(ConfigError, match="unknown key 'freeze.visoin'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'freeze\.visoin'"):
         load_config(SftConfig, overrides=["freeze.visoin=false"])
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import build_model
 from mmalign.config import load_config
 from mmalign.data.collate import IGNORE_INDEX, encode_sft
 from mmalign.data.loaders import load_samples
 from mmalign.models.load import apply_freeze, apply_lora, count_parameters, load_model
 from mmalign.recipes.sft import SftConfig, train
-from tests.conftest import build_model
 
 FAMILIES = ["llava", "qwen2-vl", "idefics3"]
 

@@ -11,7 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # A smaller model than the demo's keeps the tests fast; the architecture is the same.
-TEST_SIZE = '{"vision_hidden": 32, "vision_layers": 1, "text_hidden": 64, "text_layers": 2, "text_intermediate": 128}'
+TEST_SIZE = (
+    '{"patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "text_hidden": 64, "text_layers": 2, '
+    '"text_intermediate": 128}'
+)
 
 
 @pytest.fixture(scope="session")

@@ -88,3 +88,23 @@ def test_sft_runs_and_learns_on_each_family(family_dir: Path, world_dir: Path, t
     # Four samples seen three times each: the loss must fall well below its start.
     assert losses[-1] < 0.6 * losses[0]
     assert load_model(final).family is not None
+
+
+def test_sft_with_lora_saves_adapter_and_merged_model(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(
+        SftConfig,
+        flags={"model": str(llava_dir), "data": str(world_dir / "sft.jsonl"), "out": str(tmp_path)},
+        overrides=["steps=3", "batch_size=2", "freeze.llm=true", "lora.enabled=true", "lora.r=4", "progress=false"],
+    )
+    final = train(cfg)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    merged = load_model(final)
+    base = load_model(llava_dir)
+    # The merged model differs from the base in the language model only where LoRA (and the projector) trained.
+    changed = [
+        n
+        for (n, p), (_, q) in zip(merged.model.named_parameters(), base.model.named_parameters())
+        if not torch.equal(p, q)
+    ]
+    assert changed and all("vision_tower" not in n for n in changed)
+    assert any("language_model" in n for n in changed)

@@ -55,7 +55,18 @@ def _add_model(sub: Any) -> None:
     init = msub.add_parser("init", help="build a small random-init model of a real VLM architecture")
     init.add_argument("--family", default="llava", help="llava | qwen2-vl | idefics3")
     init.add_argument("--out", required=True)
-    init.add_argument("--image-size", type=int, default=64)
+    init.add_argument("--image-size", type=int, default=48, help="model input size (images are resized to it)")
+    init.add_argument(
+        "--patch-size",
+        type=int,
+        default=None,
+        help="vision patch size (default: one image token per cell of the world's 3x3 grid)",
+    )
+    init.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="keep the plain random projector init (default: standardise it on the data's images)",
+    )
     init.add_argument(
         "--vocab-from",
         nargs="*",
@@ -71,17 +82,19 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from mmalign.models.build import build_tiny, save_model
-    from mmalign.models.families import TinySize
-    from mmalign.models.vocab import corpus_texts
+    from mmalign.models.families import TinySize, get_family
+    from mmalign.models.vocab import corpus_images, corpus_texts
 
-    size = TinySize(image_size=args.image_size)
+    per_side = get_family(args.family).patches_per_side
+    size = TinySize(image_size=args.image_size, patch_size=args.patch_size or max(1, args.image_size // per_side))
     if args.size:
         try:
             size = replace(size, **json.loads(args.size))
         except (TypeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"--size: {exc}") from None
     texts = corpus_texts(args.vocab_from)
-    model, processor = build_tiny(args.family, texts, size=size, seed=args.seed)
+    images = [] if args.no_calibrate else corpus_images(args.vocab_from)
+    model, processor = build_tiny(args.family, texts, size=size, seed=args.seed, calibration_images=images)
     out = save_model(model, processor, args.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"built {args.family} ({n / 1e6:.2f}M parameters, vocabulary {len(processor.tokenizer)}) in {out}")
@@ -104,7 +117,11 @@ def _common_train_flags(p: argparse.ArgumentParser) -> None:
 def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="training recipes")
     tsub = p.add_subparsers(dest="recipe", required=True)
-    for name, text in (("pretrain", "projector alignment on captions"), ("sft", "instruction tuning")):
+    for name, text in (
+        ("pretrain", "projector alignment on captions"),
+        ("sft", "instruction tuning"),
+        ("contrastive", "CLIP-style warm-up of a random-init vision path on image-caption pairs"),
+    ):
         r = tsub.add_parser(name, help=text)
         _common_train_flags(r)
         r.set_defaults(func=cmd_train)
@@ -112,9 +129,10 @@ def _add_train(sub: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmalign.config import load_config
-    from mmalign.recipes import pretrain, sft
+    from mmalign.recipes import contrastive, pretrain, sft
 
     recipes: dict[str, tuple[type, Callable[..., Path]]] = {
+        "contrastive": (contrastive.ContrastiveConfig, contrastive.train),
         "pretrain": (pretrain.PretrainConfig, pretrain.train),
         "sft": (sft.SftConfig, sft.train),
     }

@@ -68,6 +68,9 @@ class TrainConfig(Section):
     resume: bool = False
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    # How the loss is averaged: over all target tokens of the batch, or per sample first (so that a three-token
+    # answer weighs as much as a sixty-token caption).
+    loss_per: Literal["token", "sample"] = "token"
     # Where the sequence is cut; image tokens are never truncated (an over-long sample is an error).
     max_length: int = Field(2048, ge=16)
     progress: bool = True

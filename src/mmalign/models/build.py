@@ -7,12 +7,13 @@ Everything saves with ``save_pretrained`` and loads back with ``from_pretrained`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmalign.models.calibrate import whiten_projector_input
 from mmalign.models.families import Family, TinySize, get_family
 from mmalign.models.tokenizer import build_word_tokenizer
 
@@ -31,6 +32,7 @@ def build_tiny(
     *,
     size: TinySize | None = None,
     seed: int = 0,
+    calibration_images: Sequence[Any] = (),
 ) -> tuple[torch.nn.Module, Any]:
     """Build (model, processor) of ``family`` with a tokenizer covering ``texts``.
 
@@ -39,6 +41,8 @@ def build_tiny(
         texts: corpus for the word-level vocabulary.
         size: model dimensions; defaults to ``TinySize()``.
         seed: seed of the random initialisation.
+        calibration_images: images whose vision features standardise the projector's input (see
+            ``models/calibrate.py``); without them the projector keeps its plain random init.
     """
     fam = get_family(family) if isinstance(family, str) else family
     size = size or TinySize()
@@ -56,6 +60,8 @@ def build_tiny(
     )
     torch.manual_seed(seed)
     model, processor = fam.build_tiny(tok, size)
+    if calibration_images:
+        whiten_projector_input(model, processor, calibration_images, fam.projector_modules)
     gen = model.generation_config
     gen.eos_token_id = tok.eos_token_id
     gen.pad_token_id = tok.pad_token_id

@@ -45,8 +45,8 @@ IDEFICS3_TEMPLATE = (
 class TinySize:
     """Dimensions of a small random-init model (defaults: fast on a laptop CPU, able to learn the world)."""
 
-    image_size: int = 64
-    patch_size: int = 8
+    image_size: int = 48
+    patch_size: int = 16
     vision_hidden: int = 96
     vision_layers: int = 2
     vision_heads: int = 4
@@ -55,6 +55,9 @@ class TinySize:
     text_heads: int = 4
     text_intermediate: int = 384
     max_positions: int = 1024
+    # Tied input/output embeddings (as in many small LMs): the word a caption emits for an image feature and the
+    # word a question asks about share one vector, which makes question-to-image binding far easier to learn.
+    tie_embeddings: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class Family:
     bos_token: str | None = None
     chat_template: str = ""
     build_tiny: Callable[[Any, TinySize], tuple[torch.nn.Module, Any]] | None = field(default=None, repr=False)
+    # Default patches per image side of a tiny model: LLaVA gets one patch per cell of the world's 3x3 grid;
+    # families that merge 2x2 patches into one token get 6 (still one token per cell).
+    patches_per_side: int = 3
 
 
 def _llama_text(tok: Any, size: TinySize) -> dict[str, Any]:
@@ -109,7 +115,7 @@ def _llama_text(tok: Any, size: TinySize) -> dict[str, Any]:
         "pad_token_id": tok.pad_token_id,
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": size.tie_embeddings,
     }
 
 
@@ -141,6 +147,7 @@ def _build_llava(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
         image_seq_length=n_patches,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
+        tie_word_embeddings=size.tie_embeddings,
     )
     model = LlavaForConditionalGeneration(config)
     image_processor = CLIPImageProcessor(
@@ -189,6 +196,7 @@ def _build_qwen2vl(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=size.tie_embeddings,
     )
     model = Qwen2VLForConditionalGeneration(config)
     pixels = size.image_size * size.image_size
@@ -225,6 +233,7 @@ def _build_idefics3(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
         vision_config=vision,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=scale,
+        tie_word_embeddings=size.tie_embeddings,
     )
     model = Idefics3ForConditionalGeneration(config)
     image_processor = Idefics3ImageProcessorPil(
@@ -281,6 +290,7 @@ FAMILIES: dict[str, Family] = {
         eos_token="<|im_end|>",
         chat_template=QWEN2VL_TEMPLATE,
         build_tiny=_build_qwen2vl,
+        patches_per_side=6,
     ),
     "idefics3": Family(
         name="idefics3",
@@ -302,6 +312,7 @@ FAMILIES: dict[str, Family] = {
         bos_token="<|begin_of_text|>",
         chat_template=IDEFICS3_TEMPLATE,
         build_tiny=_build_idefics3,
+        patches_per_side=6,
     ),
 }
 

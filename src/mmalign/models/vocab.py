@@ -44,6 +44,34 @@ def texts_from(path: Path) -> list[str]:
     return texts
 
 
+def corpus_images(paths: Sequence[str | Path] | None, limit: int = 256) -> list[Any]:
+    """Up to ``limit`` distinct images referenced by the data files (for projector calibration)."""
+    from PIL import Image
+
+    seen: dict[Path, None] = {}
+    for p in paths or []:
+        path = Path(p)
+        files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+        for f in files:
+            for _, row in iter_jsonl(f):
+                refs = row.get("images", row.get("image", []))
+                for ref in [refs] if isinstance(refs, str) else refs if isinstance(refs, list) else []:
+                    if isinstance(ref, str):
+                        seen.setdefault((f.parent / ref).resolve(), None)
+                if len(seen) >= limit:
+                    break
+            if len(seen) >= limit:
+                break
+    images = []
+    for img_path in list(seen)[:limit]:
+        try:
+            with Image.open(img_path) as img:
+                images.append(img.convert("RGB"))
+        except OSError as exc:
+            raise DataError(img_path, None, None, f"unreadable calibration image: {exc}") from None
+    return images
+
+
 def corpus_texts(paths: Sequence[str | Path] | None) -> list[str]:
     """Texts of the given data files/directories; without any, those of a default synthetic world."""
     if paths:

@@ -36,22 +36,39 @@ class SftConfig(TrainConfig):
     freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(vision=True, projector=False, llm=False))
 
 
-def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions, and the number of such positions."""
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed next-token cross-entropy and labelled-token counts.
+
+    Args:
+        logits: [B, T, V] model outputs.
+        labels: [B, T] targets with ``IGNORE_INDEX`` where no loss applies.
+
+    Returns:
+        (nll [B], n_tokens [B]): sums over each row's labelled positions, and how many there are.
+    """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE_INDEX
-    n = int(mask.sum())
-    if n == 0:
-        return shift_logits.sum() * 0.0, 0
-    loss = torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
-    return loss, n
+    safe = shift_labels.masked_fill(~mask, 0)
+    token_nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), safe, reduction="none")
+    return (token_nll * mask).sum(-1), mask.sum(-1)
 
 
-def _forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def _loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], per: str) -> tuple[torch.Tensor, float]:
+    """The batch's loss numerator and its token-weighted NLL sum (for logging)."""
     labels = batch.pop("labels")
-    out = model(**batch, use_cache=False)
-    return _token_loss(out.logits, labels)
+    nll, n = sequence_nll(model(**batch, use_cache=False).logits, labels)
+    if per == "sample":
+        return (nll / n.clamp_min(1)).sum(), nll.sum().item()
+    return nll.sum(), nll.sum().item()
+
+
+def _normaliser(micro_batches: list[dict[str, torch.Tensor]], per: str) -> int:
+    """Tokens (``per="token"``) or samples (``per="sample"``) with a target in the accumulated batch."""
+    counts = [(b["labels"][:, 1:] != IGNORE_INDEX).sum(-1) for b in micro_batches]
+    if per == "sample":
+        return sum(int((c > 0).sum()) for c in counts)
+    return sum(int(c.sum()) for c in counts)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -67,6 +84,8 @@ def train(cfg: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
 
+    # Data first: a bad file fails in a second, before any model is loaded.
+    data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
     loaded = load_model(cfg.model)
     model = loaded.model
     apply_freeze(model, loaded.family, vision=cfg.freeze.vision, projector=cfg.freeze.projector, llm=cfg.freeze.llm)
@@ -80,7 +99,6 @@ def train(cfg: TrainConfig) -> Path:
             targets=cfg.lora.targets,
         )
     trainable, total = count_parameters(model)
-    data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
     if accelerator.is_main_process:
         log.info("%s", data.summary())
         log.info("trainable parameters: %d / %d", trainable, total)
@@ -128,7 +146,8 @@ def train(cfg: TrainConfig) -> Path:
             micro_batches.append(encode_sft(loaded.processor, [samples[i] for i in idx], cfg.max_length))
         # Normalise by the labelled tokens of the whole (accumulated, all-process) batch, so that gradient
         # accumulation 4x1 equals 1x4 exactly.
-        n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        n_local = _normaliser(micro_batches, cfg.loss_per)
+        n_tokens = _normaliser(micro_batches, "token")
         n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum").item())
         step_loss = 0.0
         for micro, batch in enumerate(micro_batches):
@@ -136,15 +155,15 @@ def train(cfg: TrainConfig) -> Path:
             sync = micro == len(micro_batches) - 1
             ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
             with ctx:
-                loss_sum, _ = _forward_loss(model, batch)
-                # DDP averages gradients over processes; scale so the result is the global token mean.
-                accelerator.backward(loss_sum * accelerator.num_processes / max(1, n_total))
-            step_loss += loss_sum.item()
+                numerator, nll_sum = _loss_terms(model, batch, cfg.loss_per)
+                # DDP averages gradients over processes; scale so the result is the global mean.
+                accelerator.backward(numerator * accelerator.num_processes / max(1, n_total))
+            step_loss += nll_sum
             tokens_seen += int(batch["attention_mask"].sum())
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = step_loss / max(1, n_local)
+        loss_value = step_loss / max(1, n_tokens)
         window_loss, window_n = window_loss + loss_value, window_n + 1
         elapsed = time.perf_counter() - t0
         bar.update(1)

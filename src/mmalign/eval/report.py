@@ -1,0 +1,149 @@
+"""The demo's report: a markdown file with metric tables, hallucination analysis and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmalign.runtime.metrics import read_metrics
+
+SPLITS = ("random", "popular", "adversarial")
+
+
+def partner_share(chair: dict[str, Any], truth: dict[str, set[str]], partner: dict[str, str]) -> dict[str, Any]:
+    """How many hallucinated mentions are the planted partner of an object truly in the image.
+
+    Args:
+        chair: a CHAIR result with ``per_caption`` entries (``image_id``, ``hallucinated``).
+        truth: ground-truth objects per image id.
+        partner: planted pair partner of each paired object.
+    """
+    total = partnered = 0
+    for row in chair.get("per_caption", []):
+        gt = truth.get(str(row["image_id"]), set())
+        for obj in row["hallucinated"]:
+            total += 1
+            partnered += any(partner.get(g) == obj for g in gt)
+    return {"hallucinated": total, "planted_partner": partnered, "share": partnered / total if total else 0.0}
+
+
+def _plot_losses(out: Path, runs: dict[str, Path]) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2))
+    for ax, (name, run) in zip(axes, runs.items()):
+        rows = read_metrics(run / "metrics.jsonl")
+        if rows:
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "loss_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_pope(out: Path, pope: dict[str, dict[str, float]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = [s for s in SPLITS if s in pope]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    width = 0.38
+    xs = range(len(splits))
+    ax.bar([x - width / 2 for x in xs], [pope[s]["accuracy"] for s in splits], width, label="accuracy")
+    ax.bar([x + width / 2 for x in xs], [pope[s]["f1"] for s in splits], width, label="F1")
+    ax.set_xticks(list(xs), splits)
+    ax.set_ylim(0, 1)
+    ax.set_title("POPE after SFT")
+    ax.legend(loc="lower left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / "pope_splits.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pope_rows(pope: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["| split | accuracy | precision | recall | F1 | yes ratio | n |", "|---|---|---|---|---|---|---|"]
+    for split in SPLITS:
+        if split in pope:
+            r = pope[split]
+            lines.append(
+                f"| {split} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} "
+                f"| {r['yes_ratio']:.3f} | {r['n']} |"
+            )
+    return lines
+
+
+def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
+    """Write ``out/report.md`` (and its plots) from the demo's results."""
+    from mmalign.eval.chair_score import ChairVocab
+    from mmalign.eval.io import read_object_annotations
+    from mmalign.world import load_world_config
+
+    cfg = load_world_config(world)
+    vocab = ChairVocab.from_file(world / "chair_vocab.json")
+    truth = read_object_annotations(world / "chair_annotations.jsonl", vocab)
+    pope, chair = results["pope"], results["chair"]
+    share = partner_share(chair, truth, cfg.partner)
+    runs = {name: out / "runs" / name for name in ("pretrain", "sft")}
+    _plot_losses(out, runs)
+    _plot_pope(out, pope)
+    gap = pope["random"]["f1"] - pope["adversarial"]["f1"]
+    top = list(chair["hallucinated_objects"].items())[:5]
+    lines = [
+        f"# mmalign demo report ({results['profile']['name']} profile)",
+        "",
+        f"World: {cfg.n_train} training / {cfg.n_eval} held-out scenes at {cfg.image_size}px; planted pairs "
+        f"{', '.join('/'.join(p) for p in cfg.pairs)} co-occur with p={cfg.pair_prob} in training and never in "
+        "evaluation.",
+        "",
+        "## POPE after SFT (greedy generation, official parsing)",
+        "",
+        *_pope_rows(pope),
+        "",
+        f"Bias gap: F1(random) − F1(adversarial) = {gap:+.3f}.",
+        "",
+        "One-forward Yes/No logit fast path on the same questions:",
+        "",
+        *_pope_rows(results["pope_logits"]),
+        "",
+        '## CHAIR after SFT ("Describe the image in detail.")',
+        "",
+        "| CHAIR_i | CHAIR_s | recall | mean length (words) | captions | mentions |",
+        "|---|---|---|---|---|---|",
+        f"| {chair['chair_i']:.3f} | {chair['chair_s']:.3f} | {chair['recall']:.3f} | {chair['mean_length']:.1f} "
+        f"| {chair['n']} | {chair['n_mentions']} |",
+        "",
+        "Top hallucinated objects: " + (", ".join(f"{k} ({v})" for k, v in top) or "none") + ".",
+        "",
+        f"{share['planted_partner']} of {share['hallucinated']} hallucinated mentions "
+        f"({100 * share['share']:.0f}%) are the planted partner of an object that is in the image.",
+        "",
+        "## Plots",
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "![POPE per split](pope_splits.png)",
+        "",
+        "## Time per stage (seconds)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v:.1f} |" for k, v in results["timings_s"].items()],
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    results["partner_share"] = share
+    return path

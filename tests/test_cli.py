@@ -1,0 +1,102 @@
+"""The command line: one-line errors with exit status 2, world determinism, eval commands end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from mmalign.cli import main
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_world_command_is_deterministic(tmp_path: Path) -> None:
+    args = ["world", "--train", "20", "--eval", "6", "--seed", "4"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
+def test_bad_data_gives_one_line_error(llava_dir: Path, world_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    bad = world_dir / "cli_bad.jsonl"
+    bad.write_text('{"id": "x", "messages": []}\n')
+    code = main(["train", "sft", "--model", str(llava_dir), "--data", str(bad), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cli_bad.jsonl row 1 field 'messages'" in errors[0]
+    assert "Traceback" not in err
+
+
+def test_missing_model_and_bad_override(world_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code = main(
+        [
+            "train",
+            "sft",
+            "--model",
+            str(tmp_path / "nope"),
+            "--data",
+            str(world_dir / "sft.jsonl"),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert code == 2 and "not a model directory" in capsys.readouterr().err
+    code = main(["train", "sft", "--model", "m", "--data", "d", "--out", "o", "stpes=3"])
+    assert code == 2 and "did you mean 'steps'" in capsys.readouterr().err
+
+
+def test_eval_pope_and_score_pope_round_trip(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pope.json"
+    assert main(["eval", "pope", "--model", str(llava_dir), "--data", str(world_dir), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {"random", "popular", "adversarial"}
+    assert set(result["random"]) >= {"accuracy", "precision", "recall", "f1", "yes_ratio", "n"}
+    # The answers written beside the result score to the same numbers with the official scorer.
+    scored = tmp_path / "scored.json"
+    answers = out.with_suffix(".answers.jsonl")
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    random_answers = tmp_path / "random_answers.jsonl"
+    random_answers.write_text("".join(json.dumps(r) + "\n" for r in rows if r["category"] == "random"))
+    labels = world_dir / "pope_random.jsonl"
+    assert (
+        main(["eval", "score-pope", "--answers", str(random_answers), "--labels", str(labels), "--out", str(scored)])
+        == 0
+    )
+    again = json.loads(scored.read_text())
+    for key in ("accuracy", "precision", "recall", "f1", "yes_ratio", "n"):
+        assert again[key] == pytest.approx(result["random"][key])
+
+
+def test_eval_chair_runs_on_the_world(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "chair.json"
+    code = main(
+        [
+            "eval",
+            "chair",
+            "--model",
+            str(llava_dir),
+            "--data",
+            str(world_dir),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "12",
+            "--limit",
+            "4",
+        ]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert {"chair_i", "chair_s", "recall", "mean_length"} <= set(result)
+    assert result["n"] == 4
+    assert out.with_suffix(".captions.jsonl").is_file()

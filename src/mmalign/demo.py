@@ -41,7 +41,7 @@ class DemoProfile:
 
 PROFILES = {
     "default": DemoProfile("default", n_train=20000, n_eval=200, pretrain_steps=500, sft_steps=4000),
-    "quick": DemoProfile("quick", n_train=300, n_eval=40, pretrain_steps=100, sft_steps=300),
+    "quick": DemoProfile("quick", n_train=1000, n_eval=60, pretrain_steps=150, sft_steps=700),
 }
 
 
@@ -148,5 +148,6 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
 
     results = {"profile": asdict(profile), "pope": pope, "pope_logits": pope_fast, "chair": chair, "timings_s": timings}
     (out / "eval").mkdir(exist_ok=True)
+    report = write_report(out, results, world)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return write_report(out, results, world)
+    return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,21 +11,36 @@ from mmalign.runtime.metrics import read_metrics
 SPLITS = ("random", "popular", "adversarial")
 
 
-def partner_share(chair: dict[str, Any], truth: dict[str, set[str]], partner: dict[str, str]) -> dict[str, Any]:
+def partner_share(
+    chair: dict[str, Any], truth: dict[str, set[str]], partner: dict[str, str], shapes: Sequence[str]
+) -> dict[str, Any]:
     """How many hallucinated mentions are the planted partner of an object truly in the image.
+
+    Also returns the share expected by chance: for each hallucinated mention, the probability that an object drawn
+    uniformly from the shapes absent from that image is a missing partner.
 
     Args:
         chair: a CHAIR result with ``per_caption`` entries (``image_id``, ``hallucinated``).
         truth: ground-truth objects per image id.
         partner: planted pair partner of each paired object.
+        shapes: every object category of the world.
     """
     total = partnered = 0
+    chance = 0.0
     for row in chair.get("per_caption", []):
         gt = truth.get(str(row["image_id"]), set())
+        absent = [s for s in shapes if s not in gt]
+        missing_partners = {partner[g] for g in gt if g in partner and partner[g] not in gt}
         for obj in row["hallucinated"]:
             total += 1
-            partnered += any(partner.get(g) == obj for g in gt)
-    return {"hallucinated": total, "planted_partner": partnered, "share": partnered / total if total else 0.0}
+            partnered += obj in missing_partners
+            chance += len(missing_partners) / max(1, len(absent))
+    return {
+        "hallucinated": total,
+        "planted_partner": partnered,
+        "share": partnered / total if total else 0.0,
+        "chance_share": chance / total if total else 0.0,
+    }
 
 
 def _plot_losses(out: Path, runs: dict[str, Path]) -> Path | None:
@@ -95,7 +111,7 @@ def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
     vocab = ChairVocab.from_file(world / "chair_vocab.json")
     truth = read_object_annotations(world / "chair_annotations.jsonl", vocab)
     pope, chair = results["pope"], results["chair"]
-    share = partner_share(chair, truth, cfg.partner)
+    share = partner_share(chair, truth, cfg.partner, cfg.shapes)
     runs = {name: out / "runs" / name for name in ("pretrain", "sft")}
     _plot_losses(out, runs)
     _plot_pope(out, pope)
@@ -128,7 +144,8 @@ def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
         "Top hallucinated objects: " + (", ".join(f"{k} ({v})" for k, v in top) or "none") + ".",
         "",
         f"{share['planted_partner']} of {share['hallucinated']} hallucinated mentions "
-        f"({100 * share['share']:.0f}%) are the planted partner of an object that is in the image.",
+        f"({100 * share['share']:.0f}%) are the planted partner of an object that is in the image "
+        f"(chance, drawing uniformly from each image's absent objects: {100 * share['chance_share']:.0f}%).",
         "",
         "## Plots",
         "",

@@ -94,10 +94,9 @@ def encode_sft(processor: Any, samples: Sequence[Sample], max_length: int | None
         for start, end in spans:
             # Count tokens from the end: the text after an assistant span holds no image placeholders in
             # single-image conversations, so tokenizing it alone gives the same tokens as in context.
-            n_from_start = len(tok(text[start:], add_special_tokens=False)["input_ids"])
-            n_from_end = len(tok(text[end:], add_special_tokens=False)["input_ids"])
-            a, b = length - n_from_start, length - n_from_end
             tail = tok(text[start:], add_special_tokens=False)["input_ids"]
+            n_from_end = len(tok(text[end:], add_special_tokens=False)["input_ids"])
+            a, b = length - len(tail), length - n_from_end
             if a < 0 or ids[row, a:length].tolist() != tail:
                 raise ValueError(f"sample {samples[row].id!r}: cannot align the assistant turn with its tokens")
             labels[row, a:b] = ids[row, a:b]

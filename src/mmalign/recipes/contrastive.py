@@ -131,14 +131,10 @@ def train(cfg: ContrastiveConfig) -> Path:
     with torch.no_grad():
         probe = _image_tokens(core, _encode(loaded.processor, samples[:2])[0])
     heads = ContrastiveHeads(len(tok), tok.pad_token_id, tok.eos_token_id, probe.shape[-1], cfg)
-    vision_params = [p for n, p in core.named_parameters() if not n.startswith(_language_prefix(core))]
-    for p in vlm.parameters():
-        p.requires_grad_(False)
-    for p in vision_params:
-        p.requires_grad_(True)
-    bundle = torch.nn.ModuleList([heads])
-    for p in bundle.parameters():
-        p.requires_grad_(True)
+    language = _language_prefix(core)
+    for name, p in vlm.named_parameters():
+        p.requires_grad_(not name.removeprefix("model.").startswith(language))
+    vlm.lm_head.requires_grad_(False)
     optimizer = make_optimizer(torch.nn.ModuleList([core, heads]), cfg.lr, cfg.weight_decay)
     metrics = MetricsLog(out / "metrics.jsonl", tensorboard_dir=out / "tb")
     warmup = int(cfg.warmup_ratio * cfg.steps)

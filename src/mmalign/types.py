@@ -147,3 +147,40 @@ class ObjectAnnotation:
 
     image_id: str
     objects: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference example: a prompt (with its media) and a chosen and a rejected reply.
+
+    Attributes:
+        id: unique id within its data set.
+        prompt: the conversation up to the reply (user turns with image placeholders).
+        chosen: the preferred assistant reply (text).
+        rejected: the dispreferred assistant reply (text).
+        images: one ``ImageRef`` per image placeholder of the prompt.
+        root: directory that relative media paths resolve against.
+        margin: optional reward margin δ between chosen and rejected (MM-DPO dynamic scaling).
+        corrupted_image: optional explicit rejected image for the conditional (mDPO) term.
+        objects: optional ground-truth objects of the image (for judges and analysis).
+        meta: free-form provenance (method, source, similarity, ...).
+    """
+
+    id: str
+    prompt: tuple[Message, ...]
+    chosen: str
+    rejected: str
+    images: tuple[ImageRef, ...] = ()
+    root: str | None = None
+    margin: float | None = None
+    corrupted_image: ImageRef | None = None
+    objects: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def as_samples(self) -> tuple[Sample, Sample]:
+        """The (chosen, rejected) conversations as ``Sample`` records sharing the prompt and images."""
+        common = {"images": self.images, "root": self.root, "meta": self.meta}
+        return (
+            Sample(id=f"{self.id}/chosen", messages=(*self.prompt, Message.assistant(self.chosen)), **common),
+            Sample(id=f"{self.id}/rejected", messages=(*self.prompt, Message.assistant(self.rejected)), **common),
+        )

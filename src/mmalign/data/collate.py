@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from mmalign.logprobs import IGNORE_INDEX
 from mmalign.types import Message, Sample
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "encode_prompts", "encode_sft", "render"]
 
 
 def hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:

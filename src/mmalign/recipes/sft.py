@@ -19,6 +19,7 @@ from pydantic import Field
 from mmalign.config import FreezeConfig, TrainConfig, dump_config
 from mmalign.data.collate import IGNORE_INDEX, encode_sft
 from mmalign.data.loaders import load_samples
+from mmalign.logprobs import sequence_logps
 from mmalign.models.load import apply_freeze, apply_lora, count_parameters, load_model
 from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic
@@ -37,21 +38,9 @@ class SftConfig(TrainConfig):
 
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence summed next-token cross-entropy and labelled-token counts.
-
-    Args:
-        logits: [B, T, V] model outputs.
-        labels: [B, T] targets with ``IGNORE_INDEX`` where no loss applies.
-
-    Returns:
-        (nll [B], n_tokens [B]): sums over each row's labelled positions, and how many there are.
-    """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    safe = shift_labels.masked_fill(~mask, 0)
-    token_nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), safe, reduction="none")
-    return (token_nll * mask).sum(-1), mask.sum(-1)
+    """Per-sequence summed next-token cross-entropy [B] and labelled-token counts [B]."""
+    logps, n = sequence_logps(logits, labels)
+    return -logps, n
 
 
 def _loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], per: str) -> tuple[torch.Tensor, float]:

@@ -22,18 +22,42 @@ log = logging.getLogger("mmalign")
 
 def _add_world(sub: Any) -> None:
     p = sub.add_parser("world", help="write the synthetic scene world (images, captions, SFT, POPE, CHAIR)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", help="output directory")
     p.add_argument("--train", type=int, default=2000, help="training scenes")
     p.add_argument("--eval", type=int, default=200, help="held-out evaluation scenes")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     p.add_argument("--pair-prob", type=float, default=0.9, help="co-occurrence probability of planted pairs")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_world)
+    wsub = p.add_subparsers(dest="world_command")
+    pairs = wsub.add_parser("pairs", help="oracle preference pairs from a world (ground truth vs inserted errors)")
+    pairs.add_argument("--world", required=True, help="world directory written by `mmalign world`")
+    pairs.add_argument("--out", required=True, help="output JSONL of preference pairs")
+    pairs.add_argument("--per-scene", type=int, default=1)
+    pairs.add_argument("--kinds", default="partner,attribute", help="comma list of: partner, attribute")
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.set_defaults(func=cmd_world_pairs)
+
+
+def cmd_world_pairs(args: argparse.Namespace) -> int:
+    from mmalign.world.pairs import write_world_pairs
+
+    n = write_world_pairs(
+        Path(args.world),
+        Path(args.out),
+        seed=args.seed,
+        per_scene=args.per_scene,
+        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+    )
+    print(f"wrote {n} preference pairs to {args.out}")
+    return 0
 
 
 def cmd_world(args: argparse.Namespace) -> int:
     from mmalign.world import make_world
 
+    if not args.out:
+        raise ConfigError("mmalign world: --out is required")
     summary = make_world(
         args.out,
         n_train=args.train,
@@ -121,17 +145,21 @@ def _add_train(sub: Any) -> None:
         ("pretrain", "projector alignment on captions"),
         ("sft", "instruction tuning"),
         ("contrastive", "CLIP-style warm-up of a random-init vision path on image-caption pairs"),
+        ("dpo", "offline preference optimisation (--loss dpo|cdpo|robust|ipo|hinge|dpo_norm|simpo|mdpo|mm_dpo|...)"),
     ):
         r = tsub.add_parser(name, help=text)
         _common_train_flags(r)
+        if name == "dpo":
+            r.add_argument("--loss", help="loss name from mmalign.losses.LOSSES (default dpo)")
         r.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmalign.config import load_config
-    from mmalign.recipes import contrastive, pretrain, sft
+    from mmalign.recipes import contrastive, dpo, pretrain, sft
 
     recipes: dict[str, tuple[type, Callable[..., Path]]] = {
+        "dpo": (dpo.DpoConfig, dpo.train),
         "contrastive": (contrastive.ContrastiveConfig, contrastive.train),
         "pretrain": (pretrain.PretrainConfig, pretrain.train),
         "sft": (sft.SftConfig, sft.train),
@@ -146,6 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "resume": args.resume,
         "on_bad_record": args.on_bad_record,
+        "loss": getattr(args, "loss", None),
     }
     cfg = load_config(cls, args.config, flags, args.overrides)
     for key in ("model", "data", "out"):

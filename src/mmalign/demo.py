@@ -37,11 +37,17 @@ class DemoProfile:
     batch_size: int = 16
     lr: float = 1e-3
     chair_max_new_tokens: int = 80
+    dpo_steps: int = 200
+    dpo_lr: float = 5e-5
+    dpo_beta: float = 0.1
+    # NLL on the chosen reply beside the preference loss (RPO): without it the rejected captions' extra sentence
+    # teaches the model to stop early (measured: caption length 27 → 6 words, recall 0.74 → 0.07).
+    dpo_rpo_alpha: float = 1.0
 
 
 PROFILES = {
-    "default": DemoProfile("default", n_train=20000, n_eval=200, pretrain_steps=500, sft_steps=4000),
-    "quick": DemoProfile("quick", n_train=1000, n_eval=60, pretrain_steps=150, sft_steps=700),
+    "default": DemoProfile("default", n_train=20000, n_eval=200, pretrain_steps=500, sft_steps=3600),
+    "quick": DemoProfile("quick", n_train=1000, n_eval=60, pretrain_steps=150, sft_steps=600, dpo_steps=20),
 }
 
 
@@ -55,6 +61,58 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
 
 def _train(cls: type, module_train: Callable[..., Path], flags: dict[str, Any], overrides: list[str]) -> Path:
     return module_train(load_config(cls, flags=flags, overrides=overrides))
+
+
+# Preference runs after SFT: DPO, mDPO, and DPO with the images removed from the pairs (the mDPO paper's
+# "unconditional preference" diagnostic: if it matches DPO with images, the image is being ignored).
+ALIGNMENT_RUNS = {
+    "dpo": ["loss=dpo"],
+    "mdpo": ["loss=mdpo"],
+    "dpo_no_image": ["loss=dpo", "drop_images=true"],
+}
+
+
+def _evaluate(model_dir: Path, world: Path, max_new_tokens: int) -> dict[str, Any]:
+    from mmalign.eval.chair import evaluate_chair
+    from mmalign.eval.pope import evaluate_pope, load_pope_sets
+    from mmalign.models.load import load_model
+
+    loaded = load_model(model_dir)
+    pope = evaluate_pope(loaded.model, loaded.processor, load_pope_sets(world), method="generate", progress=False)
+    chair = evaluate_chair(loaded.model, loaded.processor, world, max_new_tokens=max_new_tokens, progress=False)
+    return {"pope": pope, "chair": chair}
+
+
+def _alignment_stage(
+    out: Path, world: Path, sft_model: Path, profile: DemoProfile, seed: int, timings: dict[str, float]
+) -> dict[str, Any]:
+    from mmalign.recipes import dpo
+    from mmalign.world.pairs import write_world_pairs
+
+    pairs = out / "world" / "pairs.jsonl"
+    _timed(timings, "world pairs", lambda: write_world_pairs(world, pairs, seed=seed))
+    results: dict[str, Any] = {}
+    # Same freezing as the world model's SFT: the decoder learns, the vision path stays as it is.
+    freeze = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false"]
+    for name, overrides in ALIGNMENT_RUNS.items():
+        flags = {
+            "model": str(sft_model),
+            "data": str(pairs),
+            "out": str(out / "runs" / name),
+            "steps": profile.dpo_steps,
+            "lr": profile.dpo_lr,
+            "beta": profile.dpo_beta,
+            "rpo_alpha": profile.dpo_rpo_alpha,
+            "seed": seed,
+            "log_every": 10,
+        }
+        model_dir = _timed(
+            timings, name, lambda f=flags, o=[*freeze, *overrides]: _train(dpo.DpoConfig, dpo.train, f, o)
+        )
+        results[name] = _timed(
+            timings, f"eval {name}", lambda d=model_dir: _evaluate(d, world, profile.chair_max_new_tokens)
+        )
+    return results
 
 
 def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
@@ -144,9 +202,17 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
             captions_out=out / "eval" / "chair_captions.jsonl",
         ),
     )
+    alignment = _alignment_stage(out, world, stage2, profile, seed, timings)
     timings["total"] = time.perf_counter() - t_start
 
-    results = {"profile": asdict(profile), "pope": pope, "pope_logits": pope_fast, "chair": chair, "timings_s": timings}
+    results = {
+        "profile": asdict(profile),
+        "pope": pope,
+        "pope_logits": pope_fast,
+        "chair": chair,
+        "alignment": alignment,
+        "timings_s": timings,
+    }
     (out / "eval").mkdir(exist_ok=True)
     report = write_report(out, results, world)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -101,6 +101,26 @@ def _pope_rows(pope: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def alignment_rows(results: dict[str, Any]) -> list[str]:
+    """Markdown table comparing SFT with each preference run (POPE F1 per split, accuracy, CHAIR)."""
+    rows = {"SFT": {"pope": results["pope"], "chair": results["chair"]}, **results.get("alignment", {})}
+    base = results["chair"]["chair_i"]
+    lines = [
+        "| model | POPE acc (random) | F1 random | F1 popular | F1 adversarial | CHAIR_i | ΔCHAIR_i vs SFT "
+        "| CHAIR_s | recall | mean length |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        p, c = r["pope"], r["chair"]
+        rel = (c["chair_i"] - base) / base if base else 0.0
+        lines.append(
+            f"| {name} | {p['random']['accuracy']:.3f} | {p['random']['f1']:.3f} | {p['popular']['f1']:.3f} "
+            f"| {p['adversarial']['f1']:.3f} | {c['chair_i']:.3f} | {100 * rel:+.0f}% | {c['chair_s']:.3f} "
+            f"| {c['recall']:.3f} | {c['mean_length']:.1f} |"
+        )
+    return lines
+
+
 def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
     """Write ``out/report.md`` (and its plots) from the demo's results."""
     from mmalign.eval.chair_score import ChairVocab
@@ -147,6 +167,20 @@ def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
         f"({100 * share['share']:.0f}%) are the planted partner of an object that is in the image "
         f"(chance, drawing uniformly from each image's absent objects: {100 * share['chance_share']:.0f}%).",
         "",
+        *(
+            [
+                "## Preference optimisation on world pairs (after SFT)",
+                "",
+                "Chosen = the ground-truth caption; rejected = the same caption with a planted partner inserted or an "
+                "attribute swapped (`mmalign world pairs`). `dpo_no_image` is DPO on the same pairs with the images "
+                "removed.",
+                "",
+                *alignment_rows(results),
+                "",
+            ]
+            if results.get("alignment")
+            else []
+        ),
         "## Plots",
         "",
         "![loss curves](loss_curves.png)",

@@ -1,0 +1,144 @@
+"""Oracle preference pairs from the world's ground truth: a true caption against one with a planted error.
+
+For each training scene the prompt is the eval describe request with the scene's image, the chosen reply
+is the canonical ground-truth detailed caption, and the rejected reply is the caption of the same scene
+with one error made on purpose:
+
+- ``partner``: an object the image does not hold is added, namely the planted co-occurrence partner of a
+  shape that appears without it (the hallucination the world's bias invites); a scene with no such lone
+  pair member gets a random absent shape instead (``meta["source"]`` says which).
+- ``attribute``: one object's colour (or, for a quarter of the pairs, its shape) is swapped.
+
+The rejected caption is regenerated from the altered scene, so it reads as fluently as the true one and
+stays self-consistent (the object count in its first sentence includes the added object). Every choice
+comes from a ``random.Random`` seeded by ``(seed, image id, pair number)``: same world and seed, same pairs.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mmalign.data.preference import write_pairs
+from mmalign.eval.coco_vocab import ChairVocab, extract_mentions
+from mmalign.types import ImageRef, Message, PreferencePair
+from mmalign.world.config import WorldConfig, load_world_config
+from mmalign.world.scenes import Scene, SceneObject, load_scenes
+from mmalign.world.text import detailed_caption
+from mmalign.world.writer import CHAIR_VOCAB_JSON, EVAL_DESCRIBE_PROMPT
+
+KINDS: tuple[str, ...] = ("partner", "attribute")
+SHAPE_SWAP_PROB = 0.25  # share of attribute pairs that swap the shape rather than the colour
+
+
+def world_pairs(
+    world_dir: str | Path,
+    *,
+    seed: int = 0,
+    per_scene: int = 1,
+    kinds: tuple[str, ...] = KINDS,
+) -> list[PreferencePair]:
+    """Oracle (chosen = truth, rejected = planted error) pairs over the training scenes of a written world.
+
+    Args:
+        world_dir: a directory written by ``write_world``.
+        seed: seed of the choices (which object, which colour, where the added object goes).
+        per_scene: pairs per scene; pair ``j`` of the ``i``-th scene has kind ``kinds[(i * per_scene + j) %
+            len(kinds)]``, so kinds alternate evenly.
+        kinds: error kinds to use, from ``KINDS``.
+
+    Returns:
+        The pairs, scene by scene; ``images`` hold the scene's image path relative to ``root`` (the world).
+
+    Raises:
+        ValueError: ``per_scene`` < 1, or ``kinds`` empty or holding an unknown kind.
+        RuntimeError: a generated pair fails its own check (rejected equal to chosen, or an added object
+            that CHAIR does not find as hallucinated): a bug in the world's captions.
+    """
+    if per_scene < 1:
+        raise ValueError(f"per_scene must be at least 1, got {per_scene}")
+    unknown = [k for k in kinds if k not in KINDS]
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
+    world_dir = Path(world_dir).absolute()
+    cfg = load_world_config(world_dir)
+    vocab = ChairVocab.from_file(world_dir / CHAIR_VOCAB_JSON)
+    pairs = []
+    for i, scene in enumerate(load_scenes(world_dir, "train")):
+        chosen = detailed_caption(scene, cfg)
+        for j in range(per_scene):
+            kind = kinds[(i * per_scene + j) % len(kinds)]
+            rng = random.Random(f"{seed}/pairs/{scene.image_id}/{j}")
+            altered, info = (_add_object if kind == "partner" else _swap_attribute)(scene, cfg, rng)
+            rejected = detailed_caption(altered, cfg)
+            _check(scene, chosen, rejected, kind, info, vocab)
+            pairs.append(
+                PreferencePair(
+                    id=f"{scene.image_id}-{kind}-{j}",
+                    prompt=(Message.user(EVAL_DESCRIBE_PROMPT, images=1),),
+                    chosen=chosen,
+                    rejected=rejected,
+                    images=(ImageRef(path=scene.image),),
+                    root=str(world_dir),
+                    objects=scene.shapes,
+                    meta={"method": "oracle", "kind": kind, **info, "image_id": scene.image_id},
+                )
+            )
+    return pairs
+
+
+def write_world_pairs(world_dir: str | Path, out_path: str | Path, **kw: Any) -> int:
+    """Write ``world_pairs(world_dir, **kw)`` with ``write_pairs``; returns the number of pairs.
+
+    Put ``out_path`` inside ``world_dir`` (e.g. ``world/pairs.jsonl``) so that image paths stay relative;
+    elsewhere they are written absolute and ``load_pairs`` needs ``root=world_dir``.
+    """
+    return write_pairs(world_pairs(world_dir, **kw), out_path)
+
+
+def _add_object(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[Scene, dict[str, Any]]:
+    """The scene plus one absent shape in a free cell: a lone member's partner when there is one."""
+    present = scene.shapes
+    lone = [s for s in present if s in cfg.partner and cfg.partner[s] not in present]
+    if lone:
+        member = rng.choice(lone)
+        shape, info = cfg.partner[member], {"source": "partner", "partner_of": member}
+    else:
+        shape, info = rng.choice([s for s in cfg.shapes if s not in present]), {"source": "random"}
+    taken = {(o.row, o.col) for o in scene.objects}
+    free = [(r, c) for r in range(cfg.grid_rows) for c in range(cfg.grid_cols) if (r, c) not in taken]
+    row, col = rng.choice(free)
+    added = SceneObject(shape, rng.choice(list(cfg.colours)), rng.choice(list(cfg.sizes)), row, col)
+    objects = sorted((*scene.objects, added), key=lambda o: (o.row, o.col))
+    return replace(scene, objects=tuple(objects)), {"inserted": shape, **info}
+
+
+def _swap_attribute(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[Scene, dict[str, Any]]:
+    """The scene with one object's colour (or shape) changed; objects whose shape is unique come first.
+
+    A unique shape keeps the error local: changing one of two red stars would also rewrite "two red stars".
+    """
+    singles = [i for i, o in enumerate(scene.objects) if scene.count(o.shape) == 1]
+    index = rng.choice(singles or range(len(scene.objects)))
+    obj = scene.objects[index]
+    if rng.random() < SHAPE_SWAP_PROB:
+        shape = rng.choice([s for s in cfg.shapes if s not in scene.shapes])
+        new, info = replace(obj, shape=shape), {"attribute": "shape", "original": obj.shape, "inserted": shape}
+    else:
+        colour = rng.choice([c for c in cfg.colours if c != obj.colour])
+        new, info = replace(obj, colour=colour), {"attribute": "colour", "original": obj.colour, "inserted": colour}
+    objects = (*scene.objects[:index], new, *scene.objects[index + 1 :])
+    return replace(scene, objects=objects), {"object": obj.shape, **info}
+
+
+def _check(scene: Scene, chosen: str, rejected: str, kind: str, info: dict[str, Any], vocab: ChairVocab) -> None:
+    """The rejected caption differs, and in partner pairs CHAIR sees the added shape as hallucinated."""
+    if rejected == chosen:
+        raise RuntimeError(f"{scene.image_id}: the {kind} error left the caption unchanged")
+    if kind == "partner":
+        mentioned = set(extract_mentions(rejected, vocab))
+        inserted = info["inserted"]
+        if inserted not in mentioned or inserted in scene.shapes:
+            raise RuntimeError(f"{scene.image_id}: CHAIR does not see {inserted!r} as hallucinated in {rejected!r}")

@@ -1,0 +1,475 @@
+"""Preference pairs: the four row schemas, validation errors, writing, and the world's oracle pairs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from mmalign.data.preference import SCHEMAS, detect_schema, load_pairs, write_pairs
+from mmalign.errors import DataError
+from mmalign.eval.coco_vocab import ChairVocab, extract_mentions
+from mmalign.types import ImageRef, Message, Part, PreferencePair
+
+IMG, TXT = Part("image"), Part("text", "What is this?")
+
+
+def make_png(path: Path, color: tuple[int, int, int] = (255, 0, 0), size: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path)
+    return path
+
+
+def png_bytes(color: tuple[int, int, int] = (0, 0, 255)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def user(text: str = "What is this?", images: int = 1) -> dict[str, Any]:
+    return {"role": "user", "content": [*({"type": "image"} for _ in range(images)), {"type": "text", "text": text}]}
+
+
+def assistant(text: str) -> list[dict[str, Any]]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def ours(i: int = 0, **changes: Any) -> dict[str, Any]:
+    row = {"id": f"p-{i}", "images": ["images/a.png"], "prompt": [user()], "chosen": "A star.", "rejected": "A moon."}
+    row.update(changes)
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def trl(**changes: Any) -> dict[str, Any]:
+    row = {"images": ["images/a.png"], "prompt": [user()], "chosen": assistant("A star."), "rejected": assistant("No.")}
+    row.update(changes)
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def rlaif(**changes: Any) -> dict[str, Any]:
+    row = {"idx": 3, "ds_name": "vqa", "image": "images/a.png", "question": "Q?", "chosen": "Yes.", "rejected": "No."}
+    row.update(changes)
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def vlf(**changes: Any) -> dict[str, Any]:
+    row = {
+        "id": "vlf-1",
+        "image": "images/a.png",
+        "prompt": "Describe it.",
+        "completions": [
+            {"model": "m1", "response": "Middling.", "score": 3},
+            {"model": "m2", "text": "Best.", "rating": "4.5"},
+            {"model": "m3", "response": "Worst.", "annotations": {"Helpfulness": {"Rating": "1"}, "Faith": 2}},
+        ],
+    }
+    row.update(changes)
+    return {k: v for k, v in row.items() if v is not None}
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A data set directory with two images, and one image just outside it."""
+    make_png(tmp_path / "ds" / "images" / "a.png")
+    make_png(tmp_path / "ds" / "images" / "b.png", (0, 255, 0))
+    make_png(tmp_path / "outside.png")
+    return tmp_path / "ds"
+
+
+# --- schemas ------------------------------------------------------------------------------------------
+
+
+def test_mmalign_schema(root: Path) -> None:
+    rows = [
+        ours(
+            1,
+            margin=0.5,
+            corrupted_image="images/b.png",
+            objects=["star"],
+            meta={"method": "oracle"},
+            prompt=[{"role": "system", "content": "Be brief."}, user()],
+        ),
+        ours(2, images=["images/a.png", "images/b.png"], prompt="Compare <image> with\n<image>\nplease."),
+        ours(3, image={"bytes": base64.b64encode(png_bytes()).decode()}, images=None, prompt="What is this?"),
+    ]
+    result = load_pairs(write_jsonl(root / "pairs.jsonl", rows))
+    a, b, c = result.pairs
+    assert (result.schema, result.skipped) == ("mmalign", 0)
+    assert result.summary() == "loaded 3 mmalign pairs from pairs.jsonl"
+    assert a.prompt == (Message("system", (Part("text", "Be brief."),)), Message("user", (IMG, TXT)))
+    assert (a.chosen, a.rejected, a.margin, a.objects) == ("A star.", "A moon.", 0.5, ("star",))
+    assert a.images == (ImageRef(path="images/a.png"),) and a.root == str(root)
+    assert a.corrupted_image == ImageRef(path="images/b.png") and a.meta == {"method": "oracle"}
+    # <image> markers place the images where they are written.
+    assert b.prompt[0].content == (Part("text", "Compare "), IMG, Part("text", " with"), IMG, Part("text", "please."))
+    # Plain text without markers: the image goes first.
+    assert c.prompt == (Message("user", (IMG, TXT)),) and c.images[0].data == png_bytes()
+    chosen, rejected = c.as_samples()
+    assert chosen.target == "A star." and rejected.target == "A moon."
+    assert chosen.load_images()[0].getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_trl_schema(root: Path) -> None:
+    rows = [
+        trl(),
+        trl(images=None, image="images/b.png"),  # TRL's singular "image"
+        trl(prompt=[{"role": "user", "content": [{"type": "text", "text": "<image>What is this?"}]}]),
+    ]
+    result = load_pairs(write_jsonl(root / "trl.jsonl", rows))
+    assert result.schema == "trl"
+    for pair in result.pairs:
+        assert pair.prompt == (Message("user", (IMG, TXT)),)
+        assert (pair.chosen, pair.rejected) == ("A star.", "No.")
+    assert [p.images[0].path for p in result.pairs] == ["images/a.png", "images/b.png", "images/a.png"]
+    assert [p.id for p in result.pairs] == ["trl-1", "trl-2", "trl-3"]
+
+
+def test_rlaif_v_schema(root: Path) -> None:
+    rows = [
+        rlaif(),
+        rlaif(idx=None, id="r2", image={"bytes": base64.b64encode(png_bytes()).decode()}, question="Q? <image>"),
+    ]
+    first, second = load_pairs(write_jsonl(root / "rlaif.jsonl", rows)).pairs
+    assert first.id == "3" and first.prompt == (Message("user", (IMG, Part("text", "Q?"))),)
+    assert (first.chosen, first.rejected, first.images) == ("Yes.", "No.", (ImageRef(path="images/a.png"),))
+    assert first.meta == {"source": "rlaif_v", "ds_name": "vqa", "idx": 3}
+    assert second.id == "r2" and second.prompt == (Message("user", (Part("text", "Q? "), IMG)),)
+
+
+def test_vlfeedback_best_and_worst(root: Path) -> None:
+    tie = vlf(id="tie", completions=[{"response": "A", "score": 2}, {"response": "B", "score": 2.0}])
+    result = load_pairs(write_jsonl(root / "vlf.jsonl", [vlf(), tie]))  # ties are skipped even in fail mode
+    (pair,) = result.pairs
+    assert result.schema == "vlfeedback" and result.skipped == 1
+    assert "vlf.jsonl row 2 field 'completions'" in result.reasons[0] and "no preference" in result.reasons[0]
+    assert (pair.chosen, pair.rejected, pair.margin) == ("Best.", "Worst.", 3.0)  # 4.5 - mean(1, 2)
+    assert pair.prompt == (Message("user", (IMG, Part("text", "Describe it."))),)
+    assert pair.meta == {
+        "source": "vlfeedback",
+        "scores": [3.0, 4.5, 1.5],
+        "chosen_model": "m2",
+        "rejected_model": "m3",
+    }
+    # image_path is the fallback image field.
+    (pair,) = load_pairs(write_jsonl(root / "vlf.jsonl", [vlf(image=None, image_path="images/b.png")])).pairs
+    assert pair.images == (ImageRef(path="images/b.png"),)
+    with pytest.raises(DataError, match="all 1 records were skipped"):
+        load_pairs(write_jsonl(root / "vlf.jsonl", [tie]))
+
+
+def test_detection_and_forced_schema(root: Path) -> None:
+    expected = {"mmalign": ours(), "trl": trl(), "rlaif_v": rlaif(), "vlfeedback": vlf()}
+    assert sorted(expected) == sorted(SCHEMAS)
+    for schema, row in expected.items():
+        assert detect_schema(row) == schema
+        assert load_pairs(write_jsonl(root / "d.jsonl", [row]), schema=schema).schema == schema
+    assert detect_schema({"prompt": "x"}) is None
+    undetectable = {"{}": "missing 'chosen' (or VLFeedback 'completions')", '{"chosen": 3}': "got int"}
+    for row, reason in undetectable.items():
+        with pytest.raises(DataError, match=r"d\.jsonl row 1 field 'chosen'") as info:
+            load_pairs(write_jsonl(root / "d.jsonl", [row]))
+        assert reason in str(info.value)
+    # Detection locks onto the first row that loads; later rows are read with that schema.
+    bad_first = {"completions": "oops"}
+    result = load_pairs(write_jsonl(root / "d.jsonl", [bad_first, ours(), rlaif()]), on_bad_record="skip")
+    assert result.schema == "mmalign" and len(result) == 1 and result.skipped == 2
+    assert "row 3 field 'prompt': missing 'prompt'" in result.reasons[1]
+    with pytest.raises(DataError, match=r"d\.jsonl row 1 field 'prompt': missing"):
+        load_pairs(write_jsonl(root / "d.jsonl", [rlaif()]), schema="mmalign")
+    with pytest.raises(ValueError, match="schema must be"):
+        load_pairs(root / "d.jsonl", schema="dpo")  # type: ignore[arg-type]
+
+
+def test_parquet_matches_jsonl(root: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [trl(), trl(chosen=assistant("Two stars."), prompt=[user("Compare.", images=2)])]
+    rows[1]["images"] = ["images/a.png", "images/b.png"]
+    pq.write_table(pa.Table.from_pylist(rows), root / "trl.parquet")
+    from_parquet = load_pairs(root / "trl.parquet")
+    assert from_parquet.pairs == load_pairs(write_jsonl(root / "trl.jsonl", rows)).pairs
+    assert from_parquet.schema == "trl" and len(from_parquet.pairs[1].images) == 2
+
+
+def test_saved_hf_datasets(tmp_path: Path) -> None:
+    import datasets
+
+    red, green = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 255, 0))
+    rlaif_rows = {"image": [red, green], "question": ["Q1?", "Q2?"], "chosen": ["A", "B"], "rejected": ["C", "D"]}
+    features = datasets.Features({k: datasets.Value("string") for k in rlaif_rows} | {"image": datasets.Image()})
+    datasets.Dataset.from_dict(rlaif_rows, features=features).save_to_disk(str(tmp_path / "rlaif"))
+    first, second = load_pairs(tmp_path / "rlaif").pairs
+    assert first.root == str(tmp_path / "rlaif") and first.prompt == (Message("user", (IMG, Part("text", "Q1?"))),)
+    assert (second.chosen, second.rejected) == ("B", "D")
+    assert second.as_samples()[0].load_images()[0].getpixel((0, 0)) == (0, 255, 0)
+
+    # TRL's layout: a list of images and nested content lists (Arrow fills absent keys with None).
+    trl_rows = {
+        "images": [[red], [green]],
+        "prompt": [[user()], [user()]],
+        "chosen": [assistant("Red."), assistant("Green.")],
+        "rejected": [assistant("Blue."), assistant("Blue.")],
+    }
+    datasets.Dataset.from_dict(trl_rows).cast_column("images", datasets.Sequence(datasets.Image())).save_to_disk(
+        str(tmp_path / "trl")
+    )
+    result = load_pairs(tmp_path / "trl")
+    assert result.schema == "trl" and [p.chosen for p in result.pairs] == ["Red.", "Green."]
+    assert result.pairs[0].prompt == (Message("user", (IMG, TXT)),)
+    assert result.pairs[0].as_samples()[1].load_images()[0].getpixel((0, 0)) == (255, 0, 0)
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def _completions(*items: Any) -> dict[str, Any]:
+    return vlf(completions=list(items))
+
+
+BAD_ROWS: dict[str, tuple[Any, str | None, str]] = {
+    # case: (row 2 of pairs.jsonl, field named in the error, reason snippet)
+    "chosen type": (ours(chosen=3), "chosen", "must be a string, got int"),
+    "missing prompt": (ours(prompt=None), "prompt", "missing 'prompt'"),
+    "empty prompt": (ours(prompt=[]), "prompt", "empty prompt"),
+    "prompt type": (ours(prompt=5), "prompt", "must be a string or a list of messages"),
+    "prompt ends with assistant": (ours(prompt=[user(), *assistant("A")]), "prompt[1].role", "end with a user turn"),
+    "unknown role": (ours(prompt=[{"role": "bot", "content": "x"}]), "prompt[0].role", "unknown role 'bot'"),
+    "part type": (
+        ours(prompt=[{"role": "user", "content": [{"type": "video"}]}]),
+        "prompt[0].content[0].type",
+        "unknown part type 'video'",
+    ),
+    "missing rejected": (ours(rejected=None), "rejected", "missing 'rejected'"),
+    "rejected type": (ours(rejected=["x"]), "rejected", "must be a string, got list"),
+    "empty chosen": (ours(chosen="  "), "chosen", "empty reply"),
+    "chosen equals rejected": (ours(rejected="A star."), "rejected", "identical to the chosen reply"),
+    "too many images": (ours(images=["images/a.png", "images/b.png"]), "images", "2 image(s) given but"),
+    "too few images": (ours(images=[]), "images", "0 image(s) given but the conversation has 1"),
+    "missing image": (ours(images=["images/nope.png"]), "images[0]", "image file not found: images/nope.png"),
+    "escaping path": (ours(images=["../outside.png"]), "images[0]", "escapes the data set root"),
+    "bad base64": (ours(images=[{"bytes": "not base64!"}]), "images[0]", "bad base64"),
+    "corrupted image": (ours(corrupted_image="images/nope.png"), "corrupted_image", "image file not found"),
+    "margin text": (ours(margin="0.5"), "margin", "must be a finite number"),
+    "margin bool": (ours(margin=True), "margin", "must be a finite number"),
+    "objects": (ours(objects=["star", 3]), "objects[1]", "must be a non-empty string"),
+    "meta": (ours(meta=["x"]), "meta", "must be an object"),
+    "id": (ours(id=1.5), "id", "must be a string or an integer"),
+    "trl two replies": (trl(chosen=assistant("A") * 2), "chosen", "expected one assistant message, got 2"),
+    "trl reply role": (trl(rejected=[user("No.", 0)]), "rejected[0].role", "expected an assistant turn"),
+    "trl no image part": (trl(prompt=[user(images=0)]), "images", "1 image(s) given but the conversation has 0"),
+    "trl image and images": (trl(image="images/b.png"), "image", "both 'image' and 'images'"),
+    "rlaif empty question": (rlaif(question=" "), "question", "empty question"),
+    "rlaif two markers": (rlaif(question="<image><image>"), "image", "1 image(s) given but the conversation has 2"),
+    "vlf completions type": (vlf(completions={"a": 1}), "completions", "must be a list of completions"),
+    "vlf one completion": (_completions({"response": "A", "score": 1}), "completions", "at least 2 completions"),
+    "vlf no response": (
+        _completions({"response": "A", "score": 1}, {"score": 2}),
+        "completions[1].text",
+        "missing 'response' (or 'text')",
+    ),
+    "vlf empty response": (
+        _completions({"response": "A", "score": 1}, {"response": "", "score": 2}),
+        "completions[1].response",
+        "empty response",
+    ),
+    "vlf bad score": (
+        _completions({"response": "A", "score": "high"}, {"response": "B", "score": 2}),
+        "completions[0].score",
+        "must be a finite number, got 'high'",
+    ),
+    "vlf no score": (
+        _completions({"response": "A"}, {"response": "B", "score": 2}),
+        "completions[0].score",
+        "missing 'score', 'rating'",
+    ),
+    "vlf bad annotation": (
+        _completions({"response": "A", "annotations": {"Help": {"Rationale": "ok"}}}, {"response": "B", "score": 2}),
+        "completions[0].annotations.Help",
+        "expected a number or an object with one of Rating",
+    ),
+    "vlf same text": (
+        _completions({"response": "A", "score": 1}, {"response": "A", "score": 2}),
+        "completions[0].response",
+        "identical to the chosen reply",
+    ),
+    "bad json": ('{"chosen": ', None, "invalid JSON"),
+    "not an object": ("[1, 2]", None, "expected a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_bad_rows_name_file_row_and_field(root: Path, case: str) -> None:
+    bad, field, reason = BAD_ROWS[case]
+    first = {"vlf": vlf(), "trl": trl(), "rlaif": rlaif()}.get(case.split()[0], ours())  # row 1 sets the schema
+    path = write_jsonl(root / "pairs.jsonl", [first, bad])
+    with pytest.raises(DataError) as info:
+        load_pairs(path)
+    message = str(info.value)
+    assert "pairs.jsonl row 2" in message
+    assert (info.value.row, info.value.field) == (2, field)
+    if field is not None:
+        assert f"field '{field}'" in message
+    assert reason in message
+
+
+def test_truncated_image(root: Path) -> None:
+    data = make_png(root / "images" / "big.png", size=64).read_bytes()
+    (root / "images" / "cut.png").write_bytes(data[: len(data) // 2])
+    path = write_jsonl(root / "pairs.jsonl", [ours(), ours(images=["images/cut.png"])])
+    with pytest.raises(DataError, match=r"pairs\.jsonl row 2 field 'images\[0\]': unreadable image"):
+        load_pairs(path)
+    assert len(load_pairs(path, check_images=False)) == 2  # only decoding catches a truncated file
+    absolute = write_jsonl(root / "pairs.jsonl", [ours(images=[str(root.parent / "outside.png")])])
+    with pytest.raises(DataError, match=r"row 1 field 'images\[0\]': path escapes the data set root"):
+        load_pairs(absolute)
+    assert load_pairs(absolute, root=root.parent).pairs[0].root == str(root.parent)
+
+
+def test_skip_mode_counts_and_reports(root: Path) -> None:
+    bad = [ours(chosen=""), "{oops", ours(images=["x.png"]), ours(prompt=[]), ours(margin="1"), ours(meta=1)]
+    rows = [ours(1), *bad, ours(8)]
+    result = load_pairs(write_jsonl(root / "pairs.jsonl", rows), on_bad_record="skip")
+    assert [p.id for p in result.pairs] == ["p-1", "p-8"]
+    assert result.skipped == 6 and len(result.reasons) == 5
+    assert "pairs.jsonl row 2 field 'chosen': empty reply" in result.reasons[0]
+    assert "row 3: invalid JSON" in result.reasons[1]
+    assert result.summary().startswith("loaded 2 mmalign pairs from pairs.jsonl, skipped 6 records (first: ")
+    with pytest.raises(DataError, match="row 2 field 'chosen'"):
+        load_pairs(root / "pairs.jsonl")
+
+
+def test_all_bad_empty_limit_and_arguments(root: Path) -> None:
+    with pytest.raises(DataError, match=r"pairs\.jsonl: all 2 records were skipped \(first: "):
+        load_pairs(write_jsonl(root / "pairs.jsonl", [ours(chosen=""), "{oops"]), on_bad_record="skip")
+    (root / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no records"):
+        load_pairs(root / "empty.jsonl")
+    with pytest.raises(DataError, match="file not found"):
+        load_pairs(root / "nope.jsonl")
+    path = write_jsonl(root / "pairs.jsonl", [ours(i) for i in range(4)] + ["{never read"])
+    assert [p.id for p in load_pairs(path, limit=2).pairs] == ["p-0", "p-1"]
+    with pytest.raises(ValueError, match="on_bad_record"):
+        load_pairs(path, on_bad_record="warn")  # type: ignore[arg-type]
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+
+def test_write_pairs_round_trip(root: Path) -> None:
+    rows = [
+        ours(1, margin=1.5, corrupted_image="images/b.png", objects=["star", "moon"], meta={"kind": "partner"}),
+        ours(2, images=[{"bytes": base64.b64encode(png_bytes()).decode()}], prompt="Hi <image> there"),
+    ]
+    original = (
+        load_pairs(write_jsonl(root / "in.jsonl", rows)).pairs
+        + load_pairs(write_jsonl(root / "rl.jsonl", [rlaif()])).pairs
+    )
+    assert write_pairs(original, root / "out.jsonl") == 3
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    again = load_pairs(root / "out.jsonl")
+    assert again.schema == "mmalign" and again.pairs == original
+    assert [p.meta for p in again.pairs] == [p.meta for p in original]
+    assert json.loads((root / "out.jsonl").read_text().splitlines()[0])["images"] == ["images/a.png"]
+    # Written into a subdirectory, paths stay relative to the file; outside the root they become absolute.
+    write_pairs(original, root / "sub" / "out.jsonl")
+    assert json.loads((root / "sub" / "out.jsonl").read_text().splitlines()[0])["images"] == [
+        str(root / "images" / "a.png")
+    ]
+    assert load_pairs(root / "sub" / "out.jsonl", root=root).pairs[0].images == (
+        ImageRef(path=str(root / "images" / "a.png")),
+    )
+    moved = [
+        PreferencePair(
+            id="x",
+            prompt=(Message.user("Q", images=1),),
+            chosen="a",
+            rejected="b",
+            images=(ImageRef(path="images/a.png"),),
+            root=str(root),
+        )
+    ]
+    write_pairs(moved, root / "images" / "here.jsonl")
+    assert json.loads((root / "images" / "here.jsonl").read_text())["images"] == ["a.png"]
+
+
+# --- oracle pairs from the world ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mmalign.world import make_world
+
+    out = tmp_path_factory.mktemp("pairs_world")
+    make_world(out, n_train=40, n_eval=6, seed=1, progress=False)
+    return out
+
+
+def test_world_pairs_are_deterministic_and_grounded(world: Path) -> None:
+    from mmalign.world import detailed_caption, load_scenes, load_world_config
+    from mmalign.world.pairs import world_pairs
+
+    pairs = world_pairs(world, seed=3, per_scene=2)
+    assert pairs == world_pairs(world, seed=3, per_scene=2)
+    assert [p.meta for p in pairs] == [p.meta for p in world_pairs(world, seed=3, per_scene=2)]
+    assert [p.rejected for p in pairs] != [p.rejected for p in world_pairs(world, seed=4, per_scene=2)]
+
+    cfg, scenes = load_world_config(world), load_scenes(world, "train")
+    assert len(pairs) == 2 * len(scenes) == 80
+    by_scene = {s.image_id: s for s in scenes}
+    for i, pair in enumerate(pairs):
+        scene = by_scene[pair.meta["image_id"]]
+        assert pair.meta["kind"] == ("partner", "attribute")[i % 2] and pair.meta["method"] == "oracle"
+        assert pair.prompt == (Message("user", (IMG, Part("text", "Describe the image in detail."))),)
+        assert pair.chosen == detailed_caption(scene, cfg) and pair.rejected != pair.chosen
+        assert pair.images == (ImageRef(path=scene.image),) and pair.root == str(world)
+        assert pair.objects == scene.shapes
+        if pair.meta["kind"] == "attribute":
+            assert pair.meta["original"] != pair.meta["inserted"]
+            assert pair.meta["attribute"] in ("colour", "shape") and pair.meta["object"] in scene.shapes
+    # Images exist, so the pairs load back through the validating loader.
+    from mmalign.world.pairs import write_world_pairs
+
+    assert write_world_pairs(world, world / "pairs.jsonl", seed=3, per_scene=2) == 80
+    assert load_pairs(world / "pairs.jsonl").pairs == pairs
+
+
+def test_partner_pairs_are_chair_hallucinations(world: Path) -> None:
+    from mmalign.world import load_world_config
+    from mmalign.world.pairs import world_pairs
+
+    cfg, vocab = load_world_config(world), ChairVocab.from_file(world / "chair_vocab.json")
+    pairs = world_pairs(world, kinds=("partner",))
+    sources = {p.meta["source"] for p in pairs}
+    assert sources == {"partner", "random"}  # this world has scenes with and without a lone pair member
+    for pair in pairs:
+        truth = set(pair.objects)
+        assert set(extract_mentions(pair.chosen, vocab)) == truth  # the ground truth hallucinates nothing
+        hallucinated = set(extract_mentions(pair.rejected, vocab)) - truth
+        assert hallucinated == {pair.meta["inserted"]}
+        if pair.meta["source"] == "partner":
+            member = pair.meta["partner_of"]
+            assert member in truth and cfg.partner[member] == pair.meta["inserted"]
+        else:
+            assert all(cfg.partner.get(s) in truth for s in truth if s in cfg.partner)  # no lone member
+
+
+def test_world_pairs_arguments(world: Path) -> None:
+    from mmalign.world.pairs import world_pairs
+
+    with pytest.raises(ValueError, match="per_scene"):
+        world_pairs(world, per_scene=0)
+    with pytest.raises(ValueError, match="kinds"):
+        world_pairs(world, kinds=("count",))
+    colour_only = world_pairs(world, kinds=("attribute",))
+    assert {p.meta["kind"] for p in colour_only} == {"attribute"}

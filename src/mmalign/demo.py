@@ -34,6 +34,8 @@ class DemoProfile:
     n_eval: int
     pretrain_steps: int
     sft_steps: int
+    # Co-occurrence probability of the planted pairs in training scenes (the world's default).
+    pair_prob: float = 0.9
     batch_size: int = 16
     lr: float = 1e-3
     chair_max_new_tokens: int = 80
@@ -132,7 +134,13 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     world = out / "world"
-    _timed(timings, "world", lambda: make_world(world, n_train=profile.n_train, n_eval=profile.n_eval, seed=seed))
+    _timed(
+        timings,
+        "world",
+        lambda: make_world(
+            world, n_train=profile.n_train, n_eval=profile.n_eval, seed=seed, pair_prob=profile.pair_prob
+        ),
+    )
 
     def init() -> Path:
         model, processor = build_tiny(

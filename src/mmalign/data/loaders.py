@@ -118,7 +118,7 @@ def load_samples(
         raise DataError(path, None, None, f"data set root is not a directory: {root_dir}")
     checker = MediaChecker(root_dir, decode=check_images)
     result = LoadResult(samples=[], skipped=0, reasons=[], path=path)
-    for row, obj in _read_rows(path, kind):
+    for row, obj in read_records(path, kind):
         try:
             if isinstance(obj, DataError):
                 raise obj
@@ -172,7 +172,7 @@ def detect_format(path: Path) -> Format:
     raise DataError(path, None, None, f"unknown file type {suffix or '(none)'!r}: expected {expected}")
 
 
-def _read_rows(path: Path, kind: Format) -> Iterator[RawRow]:
+def read_records(path: Path, kind: Format) -> Iterator[RawRow]:
     if kind == "jsonl":
         yield from _read_jsonl(path)
     elif kind == "parquet":

@@ -35,20 +35,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from mmalign.data.loaders import MAX_REASONS, _read_rows, detect_format
+from mmalign.data.loaders import MAX_REASONS, detect_format, read_records
 from mmalign.data.media import MediaChecker
 from mmalign.data.records import (
     IMAGE_TOKEN,
     RowContext,
-    _check_count,
-    _count_parts,
-    _media_refs,
-    _media_values,
-    _parse_id,
-    _parse_message,
-    _prepend_images,
-    _type_name,
+    check_count,
+    count_parts,
+    media_refs,
+    media_values,
+    parse_id,
+    parse_message,
+    prepend_images,
     split_image_tokens,
+    type_name,
 )
 from mmalign.errors import DataError
 from mmalign.types import ImageRef, Message, Part, PreferencePair
@@ -157,7 +157,7 @@ def load_pairs(
     checker = MediaChecker(root_dir, decode=check_images)
     locked: Schema | None = None if schema == "auto" else schema
     result = PairLoadResult(pairs=[], skipped=0, reasons=[], path=path)
-    for row, obj in _read_rows(path, kind):
+    for row, obj in read_records(path, kind):
         try:
             if isinstance(obj, DataError):
                 raise obj
@@ -208,7 +208,7 @@ def _detect(record: Mapping[str, Any], ctx: RowContext) -> Schema:
         keys = ", ".join(sorted(map(str, record))) or "none"
         reason = f"missing 'chosen' (or VLFeedback 'completions'), so the schema is unknown; keys: {keys}"
         raise ctx.error("chosen", reason)
-    raise ctx.error("chosen", f"must be a string or a list of messages, got {_type_name(record['chosen'])}")
+    raise ctx.error("chosen", f"must be a string or a list of messages, got {type_name(record['chosen'])}")
 
 
 # --- the four schemas ----------------------------------------------------------------------------------
@@ -227,9 +227,9 @@ def _prompt_fields(
 ) -> _Fields:
     """Rows that carry ``prompt``, ``chosen`` and ``rejected`` directly (our schema and TRL's)."""
     prompt, plain = _prompt(_required(record, "prompt", ctx), "prompt", ctx)
-    images, image_field = _media_values(record, "images", "image", ctx)
+    images, image_field = media_values(record, "images", "image", ctx)
     return _Fields(
-        id=_parse_id(record.get("id"), ctx, default=_default_id(ctx)),
+        id=parse_id(record.get("id"), ctx, default=_default_id(ctx)),
         prompt=prompt,
         plain_text=plain,
         images=images,
@@ -251,7 +251,7 @@ def _rlaif_v_fields(record: Mapping[str, Any], ctx: RowContext) -> _Fields:
     raw_id = record.get("id") if record.get("id") is not None else record.get("idx")
     provenance = {k: record[k] for k in RLAIF_V_META if isinstance(record.get(k), str | int | float)}
     return _Fields(
-        id=_parse_id(raw_id, ctx, default=_default_id(ctx)),
+        id=parse_id(raw_id, ctx, default=_default_id(ctx)),
         prompt=[Message("user", (Part("text", question),))],
         plain_text=True,
         images=images,
@@ -267,7 +267,7 @@ def _vlfeedback_fields(record: Mapping[str, Any], ctx: RowContext) -> _Fields:
     images, image_field = _image_values(record, ctx)
     completions = _required(record, "completions", ctx)
     if not isinstance(completions, list | tuple):
-        raise ctx.error("completions", f"must be a list of completions, got {_type_name(completions)}")
+        raise ctx.error("completions", f"must be a list of completions, got {type_name(completions)}")
     if len(completions) < 2:
         raise ctx.error("completions", f"need at least 2 completions to make a pair, got {len(completions)}")
     scored = [_completion(c, f"completions[{i}]", ctx) for i, c in enumerate(completions)]
@@ -279,7 +279,7 @@ def _vlfeedback_fields(record: Mapping[str, Any], ctx: RowContext) -> _Fields:
     (best_key, best_text, _, best_model), (worst_key, worst_text, _, worst_model) = scored[best], scored[worst]
     meta = {"source": "vlfeedback", "scores": scores, "chosen_model": best_model, "rejected_model": worst_model}
     return _Fields(
-        id=_parse_id(record.get("id"), ctx, default=_default_id(ctx)),
+        id=parse_id(record.get("id"), ctx, default=_default_id(ctx)),
         prompt=prompt,
         plain_text=plain,
         images=images,
@@ -304,11 +304,11 @@ PARSERS: dict[str, Callable[[Mapping[str, Any], RowContext], _Fields]] = {
 def _completion(value: Any, field: str, ctx: RowContext) -> tuple[str, str, float, str | None]:
     """A VLFeedback completion as ``(text key, text, score, model)``."""
     if not isinstance(value, Mapping):
-        raise ctx.error(field, f"a completion must be an object, got {_type_name(value)}")
+        raise ctx.error(field, f"a completion must be an object, got {type_name(value)}")
     key = "response" if value.get("response") is not None else "text"
     text = value.get(key)
     if not isinstance(text, str):
-        raise ctx.error(f"{field}.{key}", f"missing 'response' (or 'text') string, got {_type_name(text)}")
+        raise ctx.error(f"{field}.{key}", f"missing 'response' (or 'text') string, got {type_name(text)}")
     if not text.strip():
         raise ctx.error(f"{field}.{key}", "empty response")
     model = value.get("model")
@@ -341,18 +341,18 @@ def _completion_score(value: Mapping[str, Any], field: str, ctx: RowContext) -> 
 def _finish(fields: _Fields, ctx: RowContext, checker: MediaChecker) -> PreferencePair:
     """Place and count the image parts, check the replies and the media, and build the pair."""
     prompt = _place_images(fields.prompt, len(fields.images), fields.plain_text)
-    _check_count(_count_parts(prompt, "image"), len(fields.images), "image", fields.image_field, ctx)
-    if _count_parts(prompt, "audio"):
+    check_count(count_parts(prompt, "image"), len(fields.images), "image", fields.image_field, ctx)
+    if count_parts(prompt, "audio"):
         raise ctx.error("prompt", "audio parts are not supported in preference pairs")
     for name, text in ((fields.chosen_field, fields.chosen), (fields.rejected_field, fields.rejected)):
         if not text.strip():
             raise ctx.error(name, "empty reply")
     if fields.chosen.strip() == fields.rejected.strip():
         raise ctx.error(fields.rejected_field, "identical to the chosen reply")
-    images = _media_refs(fields.images, "image", ctx, checker, ImageRef)
+    images = media_refs(fields.images, "image", ctx, checker, ImageRef)
     corrupted = None
     if fields.corrupted_image is not None:
-        (corrupted,) = _media_refs([("corrupted_image", fields.corrupted_image)], "image", ctx, checker, ImageRef)
+        (corrupted,) = media_refs([("corrupted_image", fields.corrupted_image)], "image", ctx, checker, ImageRef)
     return PreferencePair(
         id=fields.id,
         prompt=tuple(prompt),
@@ -369,11 +369,11 @@ def _finish(fields: _Fields, ctx: RowContext, checker: MediaChecker) -> Preferen
 
 def _place_images(messages: list[Message], n_images: int, plain_text: bool) -> list[Message]:
     """Turn ``<image>`` markers into image parts; without any image part, put plain-text prompts' images first."""
-    has_parts = _count_parts(messages, "image") > 0
+    has_parts = count_parts(messages, "image") > 0
     if not has_parts and any(IMAGE_TOKEN in p.text for m in messages for p in m.content if p.type == "text"):
         messages = [Message(m.role, _split_markers(m.content)) for m in messages]
     elif not has_parts and plain_text and n_images:
-        messages = _prepend_images(messages, n_images)
+        messages = prepend_images(messages, n_images)
     return messages
 
 
@@ -391,14 +391,14 @@ def _prompt(value: Any, field: str, ctx: RowContext) -> tuple[list[Message], boo
             raise ctx.error(field, "empty prompt")
         return [Message("user", (Part("text", value),))], True
     if not isinstance(value, list | tuple):
-        raise ctx.error(field, f"must be a string or a list of messages, got {_type_name(value)}")
+        raise ctx.error(field, f"must be a string or a list of messages, got {type_name(value)}")
     if not value:
         raise ctx.error(field, "empty prompt")
     messages, plain = [], False
     for i, turn in enumerate(value):
         if not isinstance(turn, Mapping):
-            raise ctx.error(f"{field}[{i}]", f"a turn must be an object, got {_type_name(turn)}")
-        message, was_string = _parse_message(turn, f"{field}[{i}]", ctx)
+            raise ctx.error(f"{field}[{i}]", f"a turn must be an object, got {type_name(turn)}")
+        message, was_string = parse_message(turn, f"{field}[{i}]", ctx)
         messages.append(message)
         plain = plain or was_string
     if messages[-1].role != "user":
@@ -413,12 +413,12 @@ def _reply(record: Mapping[str, Any], key: str, ctx: RowContext) -> str:
     if isinstance(value, str):
         return value
     if not isinstance(value, list | tuple):
-        raise ctx.error(key, f"must be a list of messages or a string, got {_type_name(value)}")
+        raise ctx.error(key, f"must be a list of messages or a string, got {type_name(value)}")
     if len(value) != 1:
         raise ctx.error(key, f"expected one assistant message, got {len(value)} messages")
     if not isinstance(value[0], Mapping):
-        raise ctx.error(f"{key}[0]", f"a turn must be an object, got {_type_name(value[0])}")
-    message, _ = _parse_message(value[0], f"{key}[0]", ctx)
+        raise ctx.error(f"{key}[0]", f"a turn must be an object, got {type_name(value[0])}")
+    message, _ = parse_message(value[0], f"{key}[0]", ctx)
     if message.role != "assistant":
         raise ctx.error(f"{key}[0].role", f"expected an assistant turn, got {message.role!r}")
     return message.text
@@ -426,7 +426,7 @@ def _reply(record: Mapping[str, Any], key: str, ctx: RowContext) -> str:
 
 def _image_values(record: Mapping[str, Any], ctx: RowContext) -> tuple[list[tuple[str, Any]], str]:
     """``image``/``images``, falling back to ``image_path`` (RLAIF-V and VLFeedback exports)."""
-    values, image_field = _media_values(record, "images", "image", ctx)
+    values, image_field = media_values(record, "images", "image", ctx)
     if not values and record.get("image_path") is not None:
         return [("image_path", record["image_path"])], "image_path"
     return values, image_field
@@ -442,7 +442,7 @@ def _required(record: Mapping[str, Any], key: str, ctx: RowContext) -> Any:
 def _text(record: Mapping[str, Any], key: str, ctx: RowContext) -> str:
     value = _required(record, key, ctx)
     if not isinstance(value, str):
-        raise ctx.error(key, f"must be a string, got {_type_name(value)}")
+        raise ctx.error(key, f"must be a string, got {type_name(value)}")
     return value
 
 
@@ -471,7 +471,7 @@ def _objects(value: Any, ctx: RowContext) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list | tuple):
-        raise ctx.error("objects", f"must be a list of strings, got {_type_name(value)}")
+        raise ctx.error("objects", f"must be a list of strings, got {type_name(value)}")
     for i, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
             raise ctx.error(f"objects[{i}]", f"must be a non-empty string, got {item!r}")
@@ -482,7 +482,7 @@ def _meta(value: Any, ctx: RowContext) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ctx.error("meta", f"must be an object, got {_type_name(value)}")
+        raise ctx.error("meta", f"must be an object, got {type_name(value)}")
     return dict(value)
 
 

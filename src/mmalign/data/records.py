@@ -50,7 +50,7 @@ class RowContext:
         return DataError(self.path, self.row, field, reason)
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
@@ -80,23 +80,23 @@ def parse_sample(
     """
     ctx = RowContext(Path(path), row)
     if not isinstance(record, Mapping):
-        raise ctx.error(None, f"row must be an object, got {_type_name(record)}")
+        raise ctx.error(None, f"row must be an object, got {type_name(record)}")
     checker = checker or MediaChecker(root)
-    sample_id = _parse_id(record.get("id"), ctx, default=f"{ctx.path.stem}-{row}")
+    sample_id = parse_id(record.get("id"), ctx, default=f"{ctx.path.stem}-{row}")
     meta = record.get("meta")
     if meta is not None and not isinstance(meta, Mapping):
-        raise ctx.error("meta", f"must be an object, got {_type_name(meta)}")
+        raise ctx.error("meta", f"must be an object, got {type_name(meta)}")
     messages, plain_text = _parse_conversation(record, ctx)
-    image_values, image_field = _media_values(record, "images", "image", ctx)
-    audio_values, audio_field = _media_values(record, "audios", "audio", ctx)
-    n_image_parts = _count_parts(messages, "image")
+    image_values, image_field = media_values(record, "images", "image", ctx)
+    audio_values, audio_field = media_values(record, "audios", "audio", ctx)
+    n_image_parts = count_parts(messages, "image")
     if plain_text and n_image_parts == 0 and image_values:
-        messages = _prepend_images(messages, len(image_values))
-        n_image_parts = _count_parts(messages, "image")
-    _check_count(n_image_parts, len(image_values), "image", image_field, ctx)
-    _check_count(_count_parts(messages, "audio"), len(audio_values), "audio", audio_field, ctx)
-    images = _media_refs(image_values, "image", ctx, checker, ImageRef)
-    audios = _media_refs(audio_values, "audio", ctx, checker, AudioRef)
+        messages = prepend_images(messages, len(image_values))
+        n_image_parts = count_parts(messages, "image")
+    check_count(n_image_parts, len(image_values), "image", image_field, ctx)
+    check_count(count_parts(messages, "audio"), len(audio_values), "audio", audio_field, ctx)
+    images = media_refs(image_values, "image", ctx, checker, ImageRef)
+    audios = media_refs(audio_values, "audio", ctx, checker, AudioRef)
     return Sample(
         id=sample_id,
         messages=tuple(messages),
@@ -107,12 +107,12 @@ def parse_sample(
     )
 
 
-def _parse_id(value: Any, ctx: RowContext, *, default: str) -> str:
+def parse_id(value: Any, ctx: RowContext, *, default: str) -> str:
     if value is None:
         return default
     # bool is an int subclass, but an id of True is a data bug, not an id.
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ctx.error("id", f"must be a string or an integer, got {_type_name(value)}")
+        raise ctx.error("id", f"must be a string or an integer, got {type_name(value)}")
     return str(value)
 
 
@@ -126,7 +126,7 @@ def _parse_conversation(record: Mapping[str, Any], ctx: RowContext) -> tuple[lis
     key = "messages" if messages is not None else "conversations"
     turns = messages if messages is not None else conversations
     if not isinstance(turns, list | tuple):
-        raise ctx.error(key, f"must be a list of turns, got {_type_name(turns)}")
+        raise ctx.error(key, f"must be a list of turns, got {type_name(turns)}")
     if not turns:
         raise ctx.error(key, "empty conversation")
     parsed: list[Message] = []
@@ -134,17 +134,17 @@ def _parse_conversation(record: Mapping[str, Any], ctx: RowContext) -> tuple[lis
     for i, turn in enumerate(turns):
         field = f"{key}[{i}]"
         if not isinstance(turn, Mapping):
-            raise ctx.error(field, f"a turn must be an object, got {_type_name(turn)}")
+            raise ctx.error(field, f"a turn must be an object, got {type_name(turn)}")
         if key == "conversations" and "role" not in turn:
             parsed.append(_parse_sharegpt_turn(turn, field, ctx))
             continue
-        message, was_string = _parse_message(turn, field, ctx)
+        message, was_string = parse_message(turn, field, ctx)
         parsed.append(message)
         plain_text = plain_text or was_string
     return parsed, plain_text
 
 
-def _parse_message(turn: Mapping[str, Any], field: str, ctx: RowContext) -> tuple[Message, bool]:
+def parse_message(turn: Mapping[str, Any], field: str, ctx: RowContext) -> tuple[Message, bool]:
     role = turn.get("role")
     if role is None:
         raise ctx.error(f"{field}.role", "missing role")
@@ -154,7 +154,7 @@ def _parse_message(turn: Mapping[str, Any], field: str, ctx: RowContext) -> tupl
     if isinstance(content, str):
         return Message(role, (Part("text", content),)), True
     if not isinstance(content, list | tuple):
-        raise ctx.error(f"{field}.content", f"must be a string or a list of parts, got {_type_name(content)}")
+        raise ctx.error(f"{field}.content", f"must be a string or a list of parts, got {type_name(content)}")
     if not content:
         raise ctx.error(f"{field}.content", "empty content")
     parts = tuple(_parse_part(part, f"{field}.content[{j}]", ctx) for j, part in enumerate(content))
@@ -163,7 +163,7 @@ def _parse_message(turn: Mapping[str, Any], field: str, ctx: RowContext) -> tupl
 
 def _parse_part(part: Any, field: str, ctx: RowContext) -> Part:
     if not isinstance(part, Mapping):
-        raise ctx.error(field, f"a content part must be an object, got {_type_name(part)}")
+        raise ctx.error(field, f"a content part must be an object, got {type_name(part)}")
     kind = part.get("type")
     if kind not in PART_TYPES:
         raise ctx.error(f"{field}.type", f"unknown part type {kind!r} (expected one of {', '.join(PART_TYPES)})")
@@ -171,7 +171,7 @@ def _parse_part(part: Any, field: str, ctx: RowContext) -> Part:
         return Part(kind)
     text = part.get("text")
     if not isinstance(text, str):
-        raise ctx.error(f"{field}.text", f"a text part needs a string 'text', got {_type_name(text)}")
+        raise ctx.error(f"{field}.text", f"a text part needs a string 'text', got {type_name(text)}")
     return Part("text", text)
 
 
@@ -183,7 +183,7 @@ def _parse_sharegpt_turn(turn: Mapping[str, Any], field: str, ctx: RowContext) -
         raise ctx.error(f"{field}.from", f"unknown speaker {speaker!r} (expected human, gpt or system)")
     value = turn.get("value")
     if not isinstance(value, str):
-        raise ctx.error(f"{field}.value", f"must be a string, got {_type_name(value)}")
+        raise ctx.error(f"{field}.value", f"must be a string, got {type_name(value)}")
     return Message(SHAREGPT_ROLES[speaker], split_image_tokens(value))
 
 
@@ -209,11 +209,11 @@ def split_image_tokens(text: str, token: str = IMAGE_TOKEN) -> tuple[Part, ...]:
     return tuple(parts)
 
 
-def _count_parts(messages: Sequence[Message], kind: str) -> int:
+def count_parts(messages: Sequence[Message], kind: str) -> int:
     return sum(part.type == kind for message in messages for part in message.content)
 
 
-def _prepend_images(messages: list[Message], n: int) -> list[Message]:
+def prepend_images(messages: list[Message], n: int) -> list[Message]:
     """Put ``n`` image parts at the start of the first user turn (unchanged if there is none)."""
     for i, message in enumerate(messages):
         if message.role == "user":
@@ -222,12 +222,12 @@ def _prepend_images(messages: list[Message], n: int) -> list[Message]:
     return messages
 
 
-def _check_count(n_parts: int, n_media: int, kind: str, field: str, ctx: RowContext) -> None:
+def check_count(n_parts: int, n_media: int, kind: str, field: str, ctx: RowContext) -> None:
     if n_parts != n_media:
         raise ctx.error(field, f"{n_media} {kind}(s) given but the conversation has {n_parts} {kind} part(s)")
 
 
-def _media_values(
+def media_values(
     record: Mapping[str, Any], plural: str, singular: str, ctx: RowContext
 ) -> tuple[list[tuple[str, Any]], str]:
     """The media values of a row as ``(field, value)`` pairs, plus the field name for count errors."""
@@ -241,11 +241,11 @@ def _media_values(
     if isinstance(many, str):
         return [(plural, many)], plural
     if not isinstance(many, list | tuple):
-        raise ctx.error(plural, f"must be a list or a string, got {_type_name(many)}")
+        raise ctx.error(plural, f"must be a list or a string, got {type_name(many)}")
     return [(f"{plural}[{i}]", value) for i, value in enumerate(many)], plural
 
 
-def _media_refs(
+def media_refs(
     values: list[tuple[str, Any]],
     kind: str,
     ctx: RowContext,

@@ -13,16 +13,17 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from mmalign.data.media import MediaChecker
 from mmalign.data.records import parse_sample
 from mmalign.errors import DataError
 from mmalign.types import Sample
 
+T = TypeVar("T")
 Format = Literal["jsonl", "parquet", "hf"]
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -107,6 +108,42 @@ def load_samples(
             usable (the file is empty, or every row is bad).
         ValueError: ``on_bad_record`` or ``limit`` is invalid.
     """
+    source = open_source(path, root=root, on_bad_record=on_bad_record, limit=limit, check_images=check_images)
+    path, root_dir = source.path, source.root
+
+    def parse(row: int, obj: dict[str, Any]) -> Sample:
+        return parse_sample(obj, path=path, row=row, root=root_dir, checker=source.checker)
+
+    samples, skipped, reasons = collect_rows(source, parse, on_bad_record=on_bad_record, limit=limit)
+    result = LoadResult(samples=samples, skipped=skipped, reasons=reasons, path=path)
+    if not result.samples:
+        if result.skipped:
+            reason = f"all {result.skipped} records are bad (first: {result.reasons[0]})"
+        else:
+            reason = "no records"
+        raise DataError(path, None, None, reason)
+    return result
+
+
+@dataclass(frozen=True)
+class Source:
+    """A data file (or ``save_to_disk`` directory) ready to be read: its format, root and media checker."""
+
+    path: Path
+    kind: Format
+    root: Path
+    checker: MediaChecker
+
+
+def open_source(
+    path: str | Path, *, root: str | Path | None, on_bad_record: str, limit: int | None, check_images: bool
+) -> Source:
+    """Check the loading options and resolve the data set root (shared by every record loader).
+
+    Raises:
+        ValueError: ``on_bad_record`` or ``limit`` is invalid.
+        DataError: the path is missing or of an unknown kind, or the root is not a directory.
+    """
     if on_bad_record not in ("fail", "skip"):
         raise ValueError(f"on_bad_record must be 'fail' or 'skip', got {on_bad_record!r}")
     if limit is not None and limit < 1:
@@ -116,28 +153,42 @@ def load_samples(
     root_dir = Path(root) if root is not None else (path if kind == "hf" else path.parent)
     if not root_dir.is_dir():
         raise DataError(path, None, None, f"data set root is not a directory: {root_dir}")
-    checker = MediaChecker(root_dir, decode=check_images)
-    result = LoadResult(samples=[], skipped=0, reasons=[], path=path)
-    for row, obj in read_records(path, kind):
+    return Source(path=path, kind=kind, root=root_dir, checker=MediaChecker(root_dir, decode=check_images))
+
+
+def collect_rows(
+    source: Source,
+    parse: Callable[[int, dict[str, Any]], T],
+    *,
+    on_bad_record: str,
+    limit: int | None,
+    always_skip: tuple[type[DataError], ...] = (),
+) -> tuple[list[T], int, list[str]]:
+    """Parse every row of ``source``; bad rows raise (``"fail"``) or are counted (``"skip"``).
+
+    Args:
+        parse: turns ``(row, object)`` into a record or raises ``DataError``.
+        always_skip: error types skipped even in ``"fail"`` mode (rows that are valid but unusable).
+
+    Returns:
+        (records, skipped, the messages of the first ``MAX_REASONS`` skipped rows).
+    """
+    items: list[T] = []
+    skipped, reasons = 0, []
+    for row, obj in read_records(source.path, source.kind):
         try:
             if isinstance(obj, DataError):
                 raise obj
-            result.samples.append(parse_sample(obj, path=path, row=row, root=root_dir, checker=checker))
+            items.append(parse(row, obj))
         except DataError as err:
-            if on_bad_record == "fail":
+            if on_bad_record == "fail" and not isinstance(err, always_skip):
                 raise
-            result.skipped += 1
-            if len(result.reasons) < MAX_REASONS:
-                result.reasons.append(str(err))
-        if limit is not None and len(result.samples) >= limit:
+            skipped += 1
+            if len(reasons) < MAX_REASONS:
+                reasons.append(str(err))
+        if limit is not None and len(items) >= limit:
             break
-    if not result.samples:
-        if result.skipped:
-            reason = f"all {result.skipped} records are bad (first: {result.reasons[0]})"
-        else:
-            reason = "no records"
-        raise DataError(path, None, None, reason)
-    return result
+    return items, skipped, reasons
 
 
 def detect_format(path: Path) -> Format:

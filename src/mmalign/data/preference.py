@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from mmalign.data.loaders import MAX_REASONS, detect_format, read_records
+from mmalign.data.loaders import collect_rows, open_source
 from mmalign.data.media import MediaChecker
 from mmalign.data.records import (
     IMAGE_TOKEN,
@@ -143,39 +143,25 @@ def load_pairs(
             usable (the file is empty, or every row was skipped).
         ValueError: ``on_bad_record``, ``limit`` or ``schema`` is invalid.
     """
-    if on_bad_record not in ("fail", "skip"):
-        raise ValueError(f"on_bad_record must be 'fail' or 'skip', got {on_bad_record!r}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive integer, got {limit}")
     if schema != "auto" and schema not in SCHEMAS:
         raise ValueError(f"schema must be 'auto' or one of {', '.join(SCHEMAS)}, got {schema!r}")
-    path = Path(path)
-    kind = detect_format(path)
-    root_dir = Path(root) if root is not None else (path if kind == "hf" else path.parent)
-    if not root_dir.is_dir():
-        raise DataError(path, None, None, f"data set root is not a directory: {root_dir}")
-    checker = MediaChecker(root_dir, decode=check_images)
-    locked: Schema | None = None if schema == "auto" else schema
-    result = PairLoadResult(pairs=[], skipped=0, reasons=[], path=path)
-    for row, obj in read_records(path, kind):
-        try:
-            if isinstance(obj, DataError):
-                raise obj
-            ctx = RowContext(path, row)
-            row_schema = locked or _detect(obj, ctx)
-            pair = _finish(PARSERS[row_schema](obj, ctx), ctx, checker)
-        except DataError as err:
-            if on_bad_record == "fail" and not isinstance(err, NoPreference):
-                raise
-            result.skipped += 1
-            if len(result.reasons) < MAX_REASONS:
-                result.reasons.append(str(err))
-            continue
-        locked = row_schema
-        result.pairs.append(pair)
-        if limit is not None and len(result.pairs) >= limit:
-            break
-    result.schema = locked or ""
+    source = open_source(path, root=root, on_bad_record=on_bad_record, limit=limit, check_images=check_images)
+    path = source.path
+    # The schema is fixed by the first row that loads (or forced by the caller).
+    locked: list[Schema] = [] if schema == "auto" else [schema]
+
+    def parse(row: int, obj: dict[str, Any]) -> PreferencePair:
+        ctx = RowContext(path, row)
+        row_schema = locked[0] if locked else _detect(obj, ctx)
+        pair = _finish(PARSERS[row_schema](obj, ctx), ctx, source.checker)
+        locked[:1] = [row_schema]
+        return pair
+
+    pairs, skipped, reasons = collect_rows(
+        source, parse, on_bad_record=on_bad_record, limit=limit, always_skip=(NoPreference,)
+    )
+    result = PairLoadResult(pairs=pairs, skipped=skipped, reasons=reasons, path=path)
+    result.schema = locked[0] if locked else ""
     if not result.pairs:
         reason = f"all {result.skipped} records were skipped (first: {result.reasons[0]})" if result.skipped else ""
         raise DataError(path, None, None, reason or "no records")

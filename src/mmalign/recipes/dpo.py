@@ -27,12 +27,11 @@ from mmalign.data.corruption import random_crop
 from mmalign.data.preference import load_pairs
 from mmalign.logprobs import sequence_logps
 from mmalign.losses import LOSSES, LossConfig, PairLogps, compute_loss, dpo_metrics
-from mmalign.models.load import apply_freeze, apply_lora, count_parameters, load_model
+from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import batch_indices
-from mmalign.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic
-from mmalign.runtime.metrics import MetricsLog
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
+from mmalign.runtime.run import finish_run, maybe_checkpoint, resume_and_log, trainable_model
 from mmalign.types import ImageRef, PreferencePair, Sample
 
 log = logging.getLogger(__name__)
@@ -153,28 +152,14 @@ def train(cfg: DpoConfig) -> Path:
     pairs = [_without_images(p) for p in data.pairs] if cfg.drop_images else data.pairs
     loaded = load_model(cfg.model)
     reference = copy.deepcopy(loaded.model).eval().requires_grad_(False)
-    model = loaded.model
-    apply_freeze(model, loaded.family, vision=cfg.freeze.vision, projector=cfg.freeze.projector, llm=cfg.freeze.llm)
-    if cfg.lora.enabled:
-        model = apply_lora(
-            model, loaded.family, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets
-        )
+    model = trainable_model(loaded, cfg)
     if accelerator.is_main_process:
         log.info("%s", data.summary())
         log.info("trainable parameters: %d / %d", *count_parameters(model))
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     reference.to(accelerator.device)
-    ckpt_root = out / "checkpoints"
-    start = 0
-    if cfg.resume and (found := latest_checkpoint(ckpt_root)) is not None:
-        start = load_checkpoint(found, accelerator.unwrap_model(model), optimizer).step
-        log.info("resumed from %s (step %d)", found, start)
-    metrics = (
-        MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None, tensorboard_dir=out / "tb")
-        if accelerator.is_main_process
-        else None
-    )
+    start, metrics = resume_and_log(accelerator, model, optimizer, cfg)
     loss_cfg = cfg.loss_config()
     warmup = int(cfg.warmup_ratio * cfg.steps)
     model.train()
@@ -215,18 +200,6 @@ def train(cfg: DpoConfig) -> Path:
         done = step + 1
         if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps):
             metrics.write(done, {**logged, "lr": lr, "elapsed_s": time.perf_counter() - t0})
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps and accelerator.is_main_process:
-            save_checkpoint(ckpt_root, done, accelerator.unwrap_model(model), optimizer, keep=cfg.keep_checkpoints)
+        maybe_checkpoint(accelerator, model, optimizer, cfg, done)
     bar.close()
-    accelerator.wait_for_everyone()
-    final = out / "model"
-    if accelerator.is_main_process:
-        save_checkpoint(ckpt_root, cfg.steps, accelerator.unwrap_model(model), optimizer, keep=cfg.keep_checkpoints)
-        to_save: Any = accelerator.unwrap_model(model)
-        if cfg.lora.enabled:
-            to_save.save_pretrained(out / "adapter")
-            to_save = to_save.merge_and_unload()
-        save_model_atomic(to_save, loaded.processor, final)
-        if metrics is not None:
-            metrics.close()
-    return final
+    return finish_run(accelerator, model, optimizer, loaded.processor, cfg, metrics)

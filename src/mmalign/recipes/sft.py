@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import Field
@@ -20,12 +19,11 @@ from mmalign.config import FreezeConfig, TrainConfig, dump_config
 from mmalign.data.collate import IGNORE_INDEX, encode_sft
 from mmalign.data.loaders import load_samples
 from mmalign.logprobs import sequence_logps
-from mmalign.models.load import apply_freeze, apply_lora, count_parameters, load_model
+from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import batch_indices
-from mmalign.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic
-from mmalign.runtime.metrics import MetricsLog
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
+from mmalign.runtime.run import finish_run, maybe_checkpoint, resume_and_log, trainable_model
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +74,7 @@ def train(cfg: TrainConfig) -> Path:
     # Data first: a bad file fails in a second, before any model is loaded.
     data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
     loaded = load_model(cfg.model)
-    model = loaded.model
-    apply_freeze(model, loaded.family, vision=cfg.freeze.vision, projector=cfg.freeze.projector, llm=cfg.freeze.llm)
-    if cfg.lora.enabled:
-        model = apply_lora(
-            model,
-            loaded.family,
-            r=cfg.lora.r,
-            alpha=cfg.lora.alpha,
-            dropout=cfg.lora.dropout,
-            targets=cfg.lora.targets,
-        )
+    model = trainable_model(loaded, cfg)
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
         log.info("%s", data.summary())
@@ -95,20 +83,7 @@ def train(cfg: TrainConfig) -> Path:
 
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ckpt_root = out / "checkpoints"
-    start = 0
-    if cfg.resume:
-        found = latest_checkpoint(ckpt_root)
-        if found is None:
-            log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_root)
-        else:
-            start = load_checkpoint(found, accelerator.unwrap_model(model), optimizer).step
-            log.info("resumed from %s (step %d)", found, start)
-    metrics = (
-        MetricsLog(out / "metrics.jsonl", resume_step=start if cfg.resume else None, tensorboard_dir=out / "tb")
-        if accelerator.is_main_process
-        else None
-    )
+    start, metrics = resume_and_log(accelerator, model, optimizer, cfg)
 
     warmup = int(cfg.warmup_ratio * cfg.steps)
     model.train()
@@ -170,20 +145,6 @@ def train(cfg: TrainConfig) -> Path:
                 },
             )
             window_loss, window_n = 0.0, 0
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_root, done, accelerator.unwrap_model(model), optimizer, keep=cfg.keep_checkpoints)
+        maybe_checkpoint(accelerator, model, optimizer, cfg, done)
     bar.close()
-    accelerator.wait_for_everyone()
-    final = out / "model"
-    if accelerator.is_main_process:
-        save_checkpoint(ckpt_root, cfg.steps, accelerator.unwrap_model(model), optimizer, keep=cfg.keep_checkpoints)
-        to_save: Any = accelerator.unwrap_model(model)
-        if cfg.lora.enabled:
-            to_save.save_pretrained(out / "adapter")
-            to_save = to_save.merge_and_unload()
-        save_model_atomic(to_save, loaded.processor, final)
-        if metrics is not None:
-            metrics.close()
-    return final
+    return finish_run(accelerator, model, optimizer, loaded.processor, cfg, metrics)

@@ -1,0 +1,93 @@
+"""Steps every training recipe shares: freezing/LoRA, resuming, and finishing a run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.config import TrainConfig
+from mmalign.models.load import LoadedModel, apply_freeze, apply_lora
+from mmalign.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic
+from mmalign.runtime.metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+
+def trainable_model(loaded: LoadedModel, cfg: TrainConfig) -> torch.nn.Module:
+    """Apply the config's freezing policy and, if enabled, LoRA; returns the model to optimise."""
+    model = loaded.model
+    f = cfg.freeze
+    apply_freeze(model, loaded.family, vision=f.vision, projector=f.projector, llm=f.llm)
+    if cfg.lora.enabled:
+        lc = cfg.lora
+        model = apply_lora(model, loaded.family, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets)
+    return model
+
+
+def resume_and_log(
+    accelerator: Any, model: Any, optimizer: torch.optim.Optimizer, cfg: TrainConfig
+) -> tuple[int, MetricsLog | None]:
+    """Restore the last checkpoint when ``cfg.resume`` asks for it; open the metrics log (main process only).
+
+    Returns:
+        (the step to start from, the metrics log or ``None`` on other processes).
+    """
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+    start = 0
+    if cfg.resume:
+        found = latest_checkpoint(ckpt_root)
+        if found is None:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_root)
+        else:
+            start = load_checkpoint(found, accelerator.unwrap_model(model), optimizer).step
+            log.info("resumed from %s (step %d)", found, start)
+    metrics = None
+    if accelerator.is_main_process:
+        metrics = MetricsLog(
+            out / "metrics.jsonl", resume_step=start if cfg.resume else None, tensorboard_dir=out / "tb"
+        )
+    return start, metrics
+
+
+def maybe_checkpoint(
+    accelerator: Any, model: Any, optimizer: torch.optim.Optimizer, cfg: TrainConfig, done: int
+) -> None:
+    """Write a periodic checkpoint after ``done`` steps when ``save_every`` says so."""
+    if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_checkpoint(
+                Path(cfg.out) / "checkpoints",
+                done,
+                accelerator.unwrap_model(model),
+                optimizer,
+                keep=cfg.keep_checkpoints,
+            )
+
+
+def finish_run(
+    accelerator: Any,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    processor: Any,
+    cfg: TrainConfig,
+    metrics: MetricsLog | None,
+) -> Path:
+    """Final checkpoint, LoRA adapter (and merged weights), and the model saved atomically to ``<out>/model``."""
+    accelerator.wait_for_everyone()
+    out = Path(cfg.out)
+    final = out / "model"
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_checkpoint(out / "checkpoints", cfg.steps, unwrapped, optimizer, keep=cfg.keep_checkpoints)
+        if cfg.lora.enabled:
+            unwrapped.save_pretrained(out / "adapter")
+            unwrapped = unwrapped.merge_and_unload()
+        save_model_atomic(unwrapped, processor, final)
+        if metrics is not None:
+            metrics.close()
+    return final

@@ -17,6 +17,12 @@ TEST_SIZE = (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Reference log-prob caches go to a temporary directory, never to the user's home."""
+    os.environ["MMALIGN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mmalign.world import make_world

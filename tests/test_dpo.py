@@ -77,3 +77,59 @@ def test_dpo_resume_matches_uninterrupted(llava_dir: Path, pairs_file: Path, tmp
     b = load_file(str(tmp_path / "part" / "model" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_cached_reference_and_shared_forward_match_the_naive_run(
+    llava_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    fast = _run(llava_dir, pairs_file, tmp_path / "fast", "steps=4", f"ref_cache_dir={cache}")
+    files = list(cache.glob("*.safetensors"))
+    assert len(files) == 1
+    stored = load_file(str(files[0]))
+    # 4 steps x 4 pairs of 8: the visited pairs are scored, the others are not.
+    visited = int(stored["present"].sum())
+    assert 4 <= visited <= 8
+    assert torch.isnan(stored["chosen"][stored["present"] == 0]).all()
+    assert torch.isfinite(stored["chosen"][stored["present"] == 1]).all()
+    naive = _run(
+        llava_dir,
+        pairs_file,
+        tmp_path / "naive",
+        "steps=4",
+        "ref_cache=false",
+        "share_prompt=false",
+        "response_logits_only=false",
+    )
+    for a, b in zip(fast, naive):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    # A second run finds every reference log-prob in the cache and leaves the file as it was.
+    before = files[0].read_bytes()
+    again = _run(llava_dir, pairs_file, tmp_path / "again", "steps=4", f"ref_cache_dir={cache}")
+    assert files[0].read_bytes() == before
+    assert [r["loss"] for r in again] == [r["loss"] for r in fast]
+
+
+def test_cache_key_changes_with_the_data_and_the_model(llava_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from mmalign.data.preference import load_pairs
+    from mmalign.runtime.refcache import cache_key
+
+    pairs = load_pairs(pairs_file).pairs[:4]
+    key = cache_key(llava_dir, pairs, {"max_length": None})
+    assert key == cache_key(llava_dir, list(pairs), {"max_length": None})
+    assert key != cache_key(llava_dir, [replace(pairs[0], rejected="x"), *pairs[1:]], {"max_length": None})
+    assert key != cache_key(llava_dir, pairs, {"max_length": 64})
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(llava_dir, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    from safetensors.torch import save_file
+
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert key != cache_key(other, pairs, {"max_length": None})

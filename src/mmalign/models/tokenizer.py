@@ -17,8 +17,11 @@ _META = "▁"
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    # Split on every kind of whitespace first: a word glued to a newline ("assistant\nThere") would otherwise be
+    # one unknown token, and a prompt tokenized alone would not be a prefix of the full conversation's tokens.
     return pre_tokenizers.Sequence(
         [
+            pre_tokenizers.WhitespaceSplit(),
             pre_tokenizers.Metaspace(replacement=_META, prepend_scheme="always"),
             pre_tokenizers.Punctuation(behavior="isolated"),
         ]

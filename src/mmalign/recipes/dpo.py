@@ -1,16 +1,16 @@
 """Offline preference optimisation of a VLM: one linear recipe for every loss in ``mmalign.losses.LOSSES``.
 
-accelerator → policy and frozen reference → pairs → an explicit loop: per step, the chosen and rejected replies of
-each pair are scored by the policy (with gradients) and the reference (without), on the same images; mDPO adds the
-chosen reply under a corrupted image, sampled once per pair per step and shared by policy and reference. The loss
-comes from the registry by name; metrics use TRL's names. Checkpoints and ``--resume`` work as in SFT.
-
-This version scores pairs the straightforward way (chosen and rejected as two full sequences, as TRL does).
+accelerator → pairs → reference log-probs (scored once by the model as loaded, cached on disk) → policy → an explicit
+loop: per step, the chosen and rejected replies of each pair are scored by the policy in one shared-prompt forward
+(``mmalign.forward``: images and prompt encoded once, LM head only on reply tokens); mDPO adds the chosen reply under
+a corrupted image, sampled once per pair per step and scored by the policy and a live reference alike. The loss comes
+from the registry by name; metrics use TRL's names. Checkpoints and ``--resume`` work as in SFT.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import random
 import time
@@ -22,17 +22,17 @@ import torch
 from pydantic import Field
 
 from mmalign.config import FreezeConfig, TrainConfig, dump_config
-from mmalign.data.collate import encode_sft
 from mmalign.data.corruption import random_crop
 from mmalign.data.preference import load_pairs
-from mmalign.logprobs import sequence_logps
+from mmalign.forward import EncodedPairs, ForwardOptions, PairScorer, encode_pairs
 from mmalign.losses import LOSSES, LossConfig, PairLogps, compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
+from mmalign.runtime.refcache import cache_key, cached_reference_logps, default_cache_dir
 from mmalign.runtime.run import finish_run, maybe_checkpoint, resume_and_log, trainable_model
-from mmalign.types import ImageRef, PreferencePair, Sample
+from mmalign.types import ImageRef, PreferencePair
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,13 @@ class DpoConfig(TrainConfig):
     batch_size: int = Field(8, ge=1)
     # Remove every image from the pairs (the mDPO paper's "unconditional preference" diagnostic).
     drop_images: bool = False
+    # The efficient pair forward (``mmalign.forward``); switch parts off to compare or to debug.
+    share_prompt: bool = True
+    response_logits_only: bool = True
+    # Reference log-probs scored once and cached on disk (``mmalign.runtime.refcache``); the directory defaults to
+    # ``$MMALIGN_CACHE_DIR/reference_logps`` or ``~/.cache/mmalign/reference_logps``.
+    ref_cache: bool = True
+    ref_cache_dir: str | None = None
     freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(vision=True, projector=False, llm=False))
 
     def loss_config(self) -> LossConfig:
@@ -68,19 +75,17 @@ class DpoConfig(TrainConfig):
         )
 
 
-def _corrupted(pair: PreferencePair, rng: random.Random) -> Sample:
-    """The chosen conversation with every image replaced by its crop (or the pair's own corrupted image)."""
-    chosen, _ = pair.as_samples()
+def _corrupt_images(pair: PreferencePair, rng: random.Random) -> list[ImageRef]:
+    """mDPO's rejected images: the pair's own corrupted image, else a random crop of each image (PNG bytes)."""
     if pair.corrupted_image is not None:
-        return replace(chosen, images=(pair.corrupted_image,))
-    import io
-
+        return [pair.corrupted_image]
+    chosen, _ = pair.as_samples()
     refs = []
     for img in chosen.load_images():
         buf = io.BytesIO()
         random_crop(img, rng).save(buf, format="PNG")
         refs.append(ImageRef(data=buf.getvalue()))
-    return replace(chosen, images=tuple(refs))
+    return refs
 
 
 def _without_images(pair: PreferencePair) -> PreferencePair:
@@ -88,48 +93,77 @@ def _without_images(pair: PreferencePair) -> PreferencePair:
     return replace(pair, prompt=prompt, images=())
 
 
-def _score(model: Any, processor: Any, samples: list[Sample], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed reply log-probs [N] and reply lengths [N] of ``samples`` in one forward pass."""
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in encode_sft(processor, samples, max_length).items()}
-    labels = enc.pop("labels")
-    logits = model(**enc, use_cache=False).logits
-    return sequence_logps(logits, labels)
+def _visited(n: int, cfg: DpoConfig, num_processes: int) -> list[int]:
+    """Every pair index the run will draw (batches are a pure function of the step), over all processes."""
+    seen: set[int] = set()
+    for m in range(cfg.steps * cfg.grad_accum):
+        for rank in range(num_processes):
+            seen.update(batch_indices(n, cfg.batch_size, m, cfg.seed, rank, num_processes))
+    return sorted(seen)
 
 
-def pair_logps(
+def _reference_cache(
+    accelerator: Any, cfg: DpoConfig, pairs: list[PreferencePair], loaded: Any, options: ForwardOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of the pairs the run visits, from the on-disk cache (the main process fills it).
+
+    Scored with the model as loaded, before any update: at that point the policy *is* the reference.
+    """
+    scorer = PairScorer(loaded.model, options).to(accelerator.device).eval()
+    settings = {
+        "max_length": cfg.max_length,
+        "drop_images": cfg.drop_images,
+        "mixed_precision": cfg.mixed_precision,
+    }
+    directory = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else default_cache_dir()
+    path = directory / f"{cache_key(cfg.model, pairs, settings)}.safetensors"
+
+    def score(batch: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = encode_pairs(loaded.processor, batch, share_prompt=scorer.options.share_prompt, max_length=cfg.max_length)
+        with torch.no_grad(), accelerator.autocast():
+            chosen, rejected, *_ = scorer(enc.to(accelerator.device))
+        return chosen, rejected
+
+    needed = _visited(len(pairs), cfg, accelerator.num_processes)
+    if accelerator.is_main_process:
+        cached_reference_logps(path, pairs, needed, score, batch_size=cfg.batch_size, progress=cfg.progress)
+    accelerator.wait_for_everyone()
+    return cached_reference_logps(path, pairs, needed, score, batch_size=cfg.batch_size, progress=False)
+
+
+def _pair_logps(
     policy: Any,
-    reference: Any,
-    processor: Any,
-    pairs: list[PreferencePair],
-    *,
-    loss: str,
-    rng: random.Random,
-    max_length: int,
+    reference: Any | None,
+    ref_cached: tuple[torch.Tensor, torch.Tensor] | None,
+    enc: EncodedPairs,
+    idx: list[int],
+    batch: list[PreferencePair],
 ) -> PairLogps:
-    """Policy (with grad) and reference (without) log-probs of a batch of pairs."""
-    chosen = [p.as_samples()[0] for p in pairs]
-    rejected = [p.as_samples()[1] for p in pairs]
-    n = len(pairs)
-    pol, lengths = _score(policy, processor, chosen + rejected, max_length)
-    with torch.no_grad():
-        ref, _ = _score(reference, processor, chosen + rejected, max_length)
+    """Policy (with grad) and reference (cached, or without grad) log-probs of one micro-batch."""
+    chosen, rejected, len_c, len_r, corrupt = policy(enc)
+    device = chosen.device
     fields: dict[str, Any] = {}
-    if loss == "mdpo":
-        corrupt = [_corrupted(p, rng) for p in pairs]
-        fields["policy_chosen_corrupt"], _ = _score(policy, processor, corrupt, max_length)
+    if ref_cached is not None:
+        ref_c, ref_r = (t[idx].to(device) for t in ref_cached)
+    if reference is not None:
         with torch.no_grad():
-            fields["ref_chosen_corrupt"], _ = _score(reference, processor, corrupt, max_length)
-    if any(p.margin is not None for p in pairs):
-        fields["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], device=pol.device)
+            ref = reference(enc if ref_cached is None else enc.only_corrupt())
+        if ref_cached is None:
+            ref_c, ref_r = ref[0], ref[1]
+        if corrupt is not None:
+            fields["ref_chosen_corrupt"] = ref[4]
+    if corrupt is not None:
+        fields["policy_chosen_corrupt"] = corrupt
+    if any(p.margin is not None for p in batch):
+        fields["margin"] = torch.tensor([p.margin or 0.0 for p in batch], device=device)
     return PairLogps(
-        policy_chosen=pol[:n],
-        policy_rejected=pol[n:],
-        ref_chosen=ref[:n],
-        ref_rejected=ref[n:],
-        chosen_tokens=lengths[:n].float(),
-        rejected_tokens=lengths[n:].float(),
-        policy_chosen_nll=-pol[:n] / lengths[:n].clamp_min(1),
+        policy_chosen=chosen,
+        policy_rejected=rejected,
+        ref_chosen=ref_c,
+        ref_rejected=ref_r,
+        chosen_tokens=len_c.float(),
+        rejected_tokens=len_r.float(),
+        policy_chosen_nll=-chosen / len_c.clamp_min(1),
         **fields,
     )
 
@@ -150,19 +184,25 @@ def train(cfg: DpoConfig) -> Path:
 
     data = load_pairs(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
     pairs = [_without_images(p) for p in data.pairs] if cfg.drop_images else data.pairs
+    options = ForwardOptions(share_prompt=cfg.share_prompt, response_logits_only=cfg.response_logits_only)
     loaded = load_model(cfg.model)
-    reference = copy.deepcopy(loaded.model).eval().requires_grad_(False)
-    model = trainable_model(loaded, cfg)
+    ref_cached = _reference_cache(accelerator, cfg, pairs, loaded, options) if cfg.ref_cache else None
+    # Only mDPO's corrupted-image term (its crop changes every step) still needs a live reference beside the cache.
+    reference = None
+    if not cfg.ref_cache or cfg.loss == "mdpo":
+        frozen = copy.deepcopy(loaded.model).eval().requires_grad_(False)
+        reference = PairScorer(frozen, options).to(accelerator.device)
+    policy = PairScorer(trainable_model(loaded, cfg), options)
     if accelerator.is_main_process:
         log.info("%s", data.summary())
-        log.info("trainable parameters: %d / %d", *count_parameters(model))
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    reference.to(accelerator.device)
-    start, metrics = resume_and_log(accelerator, model, optimizer, cfg)
+        log.info("trainable parameters: %d / %d", *count_parameters(policy))
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    start, metrics = resume_and_log(accelerator, policy, optimizer, cfg)
     loss_cfg = cfg.loss_config()
     warmup = int(cfg.warmup_ratio * cfg.steps)
-    model.train()
+    share = accelerator.unwrap_model(policy).options.share_prompt
+    policy.train()
     bar = progress_bar(
         cfg.steps, desc=f"{cfg.loss} {out.name}", initial=start, enabled=cfg.progress and accelerator.is_main_process
     )
@@ -176,23 +216,21 @@ def train(cfg: DpoConfig) -> Path:
             idx = batch_indices(
                 len(pairs), cfg.batch_size, m, cfg.seed, accelerator.process_index, accelerator.num_processes
             )
-            # One generator per (seed, micro-step): corrupted images are reproducible and resume exactly.
+            batch = [pairs[i] for i in idx]
+            # One generator per (seed, micro-step): crops are reproducible, resume exactly, and the policy and the
+            # reference score the same crop.
             rng = random.Random(cfg.seed * 1_000_003 + m)
-            logps = pair_logps(
-                model,
-                reference,
-                loaded.processor,
-                [pairs[i] for i in idx],
-                loss=cfg.loss,
-                rng=rng,
-                max_length=cfg.max_length,
-            )
+            corrupt = [_corrupt_images(p, rng) for p in batch] if cfg.loss == "mdpo" else None
+            enc = encode_pairs(
+                loaded.processor, batch, share_prompt=share, max_length=cfg.max_length, corrupt_images=corrupt
+            ).to(accelerator.device)
+            logps = _pair_logps(policy, reference, ref_cached, enc, idx, batch)
             result = compute_loss(cfg.loss, logps, loss_cfg)
             accelerator.backward(result.loss.mean() / cfg.grad_accum)
             for key, value in dpo_metrics(result, logps).items():
                 logged[key] = logged.get(key, 0.0) + value / cfg.grad_accum
         if cfg.max_grad_norm:
-            logged["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            logged["grad_norm"] = float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
@@ -200,6 +238,6 @@ def train(cfg: DpoConfig) -> Path:
         done = step + 1
         if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps):
             metrics.write(done, {**logged, "lr": lr, "elapsed_s": time.perf_counter() - t0})
-        maybe_checkpoint(accelerator, model, optimizer, cfg, done)
+        maybe_checkpoint(accelerator, policy, optimizer, cfg, done)
     bar.close()
-    return finish_run(accelerator, model, optimizer, loaded.processor, cfg, metrics)
+    return finish_run(accelerator, policy, optimizer, loaded.processor, cfg, metrics)

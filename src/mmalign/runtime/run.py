@@ -16,6 +16,14 @@ from mmalign.runtime.metrics import MetricsLog
 log = logging.getLogger(__name__)
 
 
+def unwrapped(accelerator: Any, model: Any) -> torch.nn.Module:
+    """The model to save: accelerate's wrappers removed, and the VLM inside a ``PairScorer``."""
+    from mmalign.forward import PairScorer
+
+    inner = accelerator.unwrap_model(model)
+    return inner.vlm if isinstance(inner, PairScorer) else inner
+
+
 def trainable_model(loaded: LoadedModel, cfg: TrainConfig) -> torch.nn.Module:
     """Apply the config's freezing policy and, if enabled, LoRA; returns the model to optimise."""
     model = loaded.model
@@ -43,7 +51,7 @@ def resume_and_log(
         if found is None:
             log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_root)
         else:
-            start = load_checkpoint(found, accelerator.unwrap_model(model), optimizer).step
+            start = load_checkpoint(found, unwrapped(accelerator, model), optimizer).step
             log.info("resumed from %s (step %d)", found, start)
     metrics = None
     if accelerator.is_main_process:
@@ -63,7 +71,7 @@ def maybe_checkpoint(
             save_checkpoint(
                 Path(cfg.out) / "checkpoints",
                 done,
-                accelerator.unwrap_model(model),
+                unwrapped(accelerator, model),
                 optimizer,
                 keep=cfg.keep_checkpoints,
             )
@@ -82,12 +90,12 @@ def finish_run(
     out = Path(cfg.out)
     final = out / "model"
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_checkpoint(out / "checkpoints", cfg.steps, unwrapped, optimizer, keep=cfg.keep_checkpoints)
+        inner = unwrapped(accelerator, model)
+        save_checkpoint(out / "checkpoints", cfg.steps, inner, optimizer, keep=cfg.keep_checkpoints)
         if cfg.lora.enabled:
-            unwrapped.save_pretrained(out / "adapter")
-            unwrapped = unwrapped.merge_and_unload()
-        save_model_atomic(unwrapped, processor, final)
+            inner.save_pretrained(out / "adapter")
+            inner = inner.merge_and_unload()
+        save_model_atomic(inner, processor, final)
         if metrics is not None:
             metrics.close()
     return final

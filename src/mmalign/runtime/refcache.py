@@ -1,0 +1,147 @@
+"""Reference log-probs computed once and kept on disk.
+
+The DPO reference model is frozen, so ``log π_ref(chosen)`` and ``log π_ref(rejected)`` of a pair never change: a run
+scores each pair it will visit once, before training, and later runs (resumed, or with other hyper-parameters) reuse
+them. The cache file is keyed by a fingerprint of the data (texts and image bytes), of the reference weights and of
+everything else that changes the scores; it holds one value per pair and a mask of the pairs already scored, so a
+longer run only scores what is missing. Files are written atomically.
+
+While the cache is in use the training loop needs no reference model in memory at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmalign.runtime.progress import progress_bar
+from mmalign.types import ImageRef, PreferencePair
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "MMALIGN_CACHE_DIR"
+# Bump when the way pairs are scored changes, so that old caches are not reused.
+SCORING_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """``$MMALIGN_CACHE_DIR``, else ``~/.cache/mmalign``, with a ``reference_logps`` sub-directory."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mmalign"
+    return Path(root) / "reference_logps"
+
+
+def _sha_file(path: Path, h: Any) -> None:
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """SHA-256 of a checkpoint directory's config and weight files (names and bytes)."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    weights = {".safetensors", ".bin"}
+    files = sorted(p for p in d.iterdir() if p.is_file() and (p.suffix in weights or p.name == "config.json"))
+    if not files:
+        raise FileNotFoundError(f"{d}: no config.json or weight files to fingerprint")
+    for p in files:
+        h.update(p.name.encode())
+        _sha_file(p, h)
+    return h.hexdigest()
+
+
+def _image_bytes_hash(ref: ImageRef, root: str | None, h: Any) -> None:
+    if ref.data is not None:
+        h.update(ref.data)
+        return
+    p = Path(ref.path or "")
+    if root is not None and not p.is_absolute():
+        p = Path(root) / p
+    _sha_file(p, h)
+
+
+def pairs_fingerprint(pairs: Sequence[PreferencePair]) -> str:
+    """SHA-256 of the pairs' ids, prompts, replies and image bytes, in order."""
+    h = hashlib.sha256()
+    for p in pairs:
+        record = {
+            "id": p.id,
+            "prompt": [m.to_hf() for m in p.prompt],
+            "chosen": p.chosen,
+            "rejected": p.rejected,
+        }
+        h.update(json.dumps(record, sort_keys=True).encode())
+        for ref in p.images:
+            _image_bytes_hash(ref, p.root, h)
+    return h.hexdigest()
+
+
+def cache_key(model_dir: str | Path, pairs: Sequence[PreferencePair], settings: dict[str, Any]) -> str:
+    """The cache file's name: data, reference weights and scoring settings together."""
+    parts = {
+        "version": SCORING_VERSION,
+        "model": model_fingerprint(model_dir),
+        "pairs": pairs_fingerprint(pairs),
+        "settings": settings,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+ScoreFn = Callable[[list[PreferencePair]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cached_reference_logps(
+    path: Path,
+    pairs: Sequence[PreferencePair],
+    needed: Sequence[int],
+    score: ScoreFn,
+    *,
+    batch_size: int,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of every pair in ``needed``, scoring only those the cache at ``path`` lacks.
+
+    Args:
+        path: the cache file (``<dir>/<cache_key>.safetensors``).
+        pairs: the whole data set, in the order the indices refer to.
+        needed: indices of the pairs the run will visit.
+        score: (pairs) → (chosen [n], rejected [n]) log-probs under the reference, without gradients.
+        batch_size: pairs per scoring call.
+
+    Returns:
+        (chosen [N], rejected [N]) float32 on CPU; entries outside ``needed`` that were never scored are NaN.
+    """
+    n = len(pairs)
+    chosen = torch.full((n,), float("nan"))
+    rejected = torch.full((n,), float("nan"))
+    present = torch.zeros(n, dtype=torch.bool)
+    if path.exists():
+        stored = load_file(str(path))
+        if stored["chosen"].shape[0] == n:
+            chosen, rejected, present = stored["chosen"], stored["rejected"], stored["present"].bool()
+        else:
+            log.warning("%s: cache has %d pairs, data has %d; rescoring", path, stored["chosen"].shape[0], n)
+    missing = sorted({i for i in needed if not present[i]})
+    if missing:
+        log.info("scoring %d pairs with the reference model (cache: %s)", len(missing), path)
+        bar = progress_bar(len(missing), desc="reference log-probs", enabled=progress)
+        for start in range(0, len(missing), batch_size):
+            idx = missing[start : start + batch_size]
+            c, r = score([pairs[i] for i in idx])
+            chosen[idx], rejected[idx] = c.detach().float().cpu(), r.detach().float().cpu()
+            present[idx] = True
+            bar.update(len(idx))
+        bar.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"chosen": chosen, "rejected": rejected, "present": present.to(torch.uint8)}, str(tmp))
+        os.replace(tmp, path)
+    return chosen, rejected

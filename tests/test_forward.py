@@ -1,0 +1,105 @@
+"""The shared-prompt pair forward gives the same log-probs and gradients as scoring full sequences."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_model
+from mmalign.forward import ForwardOptions, PairScorer, encode_pairs, unsupported_reason
+from mmalign.models.load import load_model
+from mmalign.types import ImageRef, Message, PreferencePair
+
+FAMILIES = ("llava", "qwen2-vl", "idefics3")
+
+
+def _pairs(world: Path) -> list[PreferencePair]:
+    """Pairs whose prompts and replies differ in length (so both paddings are exercised)."""
+    questions = [
+        "Describe the image in detail.",
+        "Is there a red star in the image? Answer yes or no.",
+        "What colour is the circle?",
+    ]
+    replies = [
+        ("There are two objects. A large blue cross is in the center.", "There is one object."),
+        ("No.", "Yes, there is a red star at the top left of the image."),
+        ("It is green.", "The circle is blue and it is small."),
+    ]
+    return [
+        PreferencePair(
+            id=f"p{i}",
+            prompt=(Message.user(q, images=1),),
+            chosen=c,
+            rejected=r,
+            images=(ImageRef(path=f"images/train/{i:06d}.png"),),
+            root=str(world),
+        )
+        for i, (q, (c, r)) in enumerate(zip(questions, replies))
+    ]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request: pytest.FixtureRequest, world_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    path = build_model(request.param, world_dir, tmp_path_factory.mktemp(request.param))
+    loaded = load_model(path)
+    return loaded.model.float().eval(), loaded.processor
+
+
+def _score(vlm, processor, pairs, options: ForwardOptions, corrupt=None) -> tuple[torch.Tensor, ...]:
+    scorer = PairScorer(vlm, options)
+    enc = encode_pairs(processor, pairs, share_prompt=scorer.options.share_prompt, corrupt_images=corrupt)
+    return scorer(enc)
+
+
+def test_shared_prompt_matches_full_sequences(model, world_dir: Path) -> None:
+    vlm, processor = model
+    pairs = _pairs(world_dir)
+    corrupt = [[ImageRef(path="images/train/000005.png")] for _ in pairs]
+    assert unsupported_reason(vlm) is None
+    with torch.no_grad():
+        naive = _score(vlm, processor, pairs, ForwardOptions(share_prompt=False, response_logits_only=False), corrupt)
+        fast = _score(vlm, processor, pairs, ForwardOptions(), corrupt)
+    chosen_n, rejected_n, len_c, len_r, corrupt_n = naive
+    chosen_f, rejected_f, len_cf, len_rf, corrupt_f = fast
+    assert torch.equal(len_c, len_cf) and torch.equal(len_r, len_rf)
+    assert len_c.tolist() != len_r.tolist()
+    # Per-token log-probs agree to 1e-5 (float32); the sums agree to that times the reply length.
+    for a, b, n in ((chosen_n, chosen_f, len_c), (rejected_n, rejected_f, len_r), (corrupt_n, corrupt_f, len_c)):
+        torch.testing.assert_close(a / n, b / n, atol=1e-5, rtol=0)
+    # The corrupted image changes the chosen reply's log-prob: the image really conditions the reply.
+    assert (chosen_f - corrupt_f).abs().max() > 1e-4
+
+
+def test_shared_prompt_gives_the_same_gradients(model, world_dir: Path) -> None:
+    vlm, processor = model
+    pairs = _pairs(world_dir)[:2]
+    grads = []
+    for options in (ForwardOptions(share_prompt=False, response_logits_only=False), ForwardOptions()):
+        vlm.zero_grad(set_to_none=True)
+        chosen, rejected, *_ = _score(vlm, processor, pairs, options)
+        (chosen - 0.5 * rejected).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None})
+    vlm.zero_grad(set_to_none=True)
+    naive, fast = grads
+    assert naive.keys() == fast.keys() and len(naive) > 10
+    # The projector's and the first decoder layer's gradients flow through the shared prompt's cache.
+    for name in naive:
+        torch.testing.assert_close(fast[name], naive[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_unsupported_architecture_falls_back_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    class Other(torch.nn.Module):
+        config = type("Cfg", (), {"model_type": "paligemma"})()
+
+    with caplog.at_level(logging.WARNING):
+        scorer = PairScorer(Other())
+    assert scorer.options.share_prompt is False
+    assert "paligemma" in caplog.text
+
+
+def test_llava_loaded_for_real_keeps_the_shared_forward(llava_dir: Path) -> None:
+    loaded = load_model(llava_dir)
+    assert PairScorer(loaded.model).options.share_prompt is True

@@ -133,3 +133,12 @@ def test_cache_key_changes_with_the_data_and_the_model(llava_dir: Path, pairs_fi
 
     save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
     assert key != cache_key(other, pairs, {"max_length": None})
+
+
+def test_bf16_autocast_runs_and_starts_at_ln2(llava_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
+    f32 = _run(llava_dir, pairs_file, tmp_path / "f32", "steps=1")
+    bf16 = _run(llava_dir, pairs_file, tmp_path / "bf16", "steps=2", "mixed_precision=bf16")
+    assert bf16[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    # The reply log-probs really were computed in bfloat16 (they differ from float32's in the low digits).
+    assert bf16[0]["logps/chosen"] != f32[0]["logps/chosen"]
+    assert bf16[0]["logps/chosen"] == pytest.approx(f32[0]["logps/chosen"], rel=1e-2)

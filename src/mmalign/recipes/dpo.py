@@ -31,7 +31,7 @@ from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
 from mmalign.runtime.refcache import cache_key, cached_reference_logps, default_cache_dir
-from mmalign.runtime.run import finish_run, maybe_checkpoint, resume_and_log, trainable_model
+from mmalign.runtime.run import finish_run, make_accelerator, maybe_checkpoint, resume_and_log, trainable_model
 from mmalign.types import ImageRef, PreferencePair
 
 log = logging.getLogger(__name__)
@@ -170,13 +170,12 @@ def _pair_logps(
 
 def train(cfg: DpoConfig) -> Path:
     """Run preference optimisation; returns the final model directory (``<out>/model``)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {sorted(LOSSES)}")
     out = Path(cfg.out)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -217,10 +216,11 @@ def train(cfg: DpoConfig) -> Path:
                 len(pairs), cfg.batch_size, m, cfg.seed, accelerator.process_index, accelerator.num_processes
             )
             batch = [pairs[i] for i in idx]
-            # One generator per (seed, micro-step): crops are reproducible, resume exactly, and the policy and the
-            # reference score the same crop.
-            rng = random.Random(cfg.seed * 1_000_003 + m)
-            corrupt = [_corrupt_images(p, rng) for p in batch] if cfg.loss == "mdpo" else None
+            # One generator per (seed, micro-step, pair): crops are reproducible, resume exactly, do not depend on
+            # how the batch is split over processes, and the policy and the reference score the same crop.
+            corrupt = None
+            if cfg.loss == "mdpo":
+                corrupt = [_corrupt_images(pairs[i], random.Random(f"{cfg.seed}:{m}:{i}")) for i in idx]
             enc = encode_pairs(
                 loaded.processor, batch, share_prompt=share, max_length=cfg.max_length, corrupt_images=corrupt
             ).to(accelerator.device)
@@ -229,6 +229,11 @@ def train(cfg: DpoConfig) -> Path:
             accelerator.backward(result.loss.mean() / cfg.grad_accum)
             for key, value in dpo_metrics(result, logps).items():
                 logged[key] = logged.get(key, 0.0) + value / cfg.grad_accum
+        if accelerator.num_processes > 1:
+            # Every process saw its own slice of the batch; log the mean over all of them.
+            keys = sorted(logged)
+            values = accelerator.reduce(torch.tensor([logged[k] for k in keys], device=accelerator.device), "mean")
+            logged = dict(zip(keys, values.tolist()))
         if cfg.max_grad_norm:
             logged["grad_norm"] = float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
         optimizer.step()

@@ -23,7 +23,7 @@ from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
-from mmalign.runtime.run import finish_run, maybe_checkpoint, resume_and_log, trainable_model
+from mmalign.runtime.run import finish_run, make_accelerator, maybe_checkpoint, resume_and_log, trainable_model
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,10 @@ def _normaliser(micro_batches: list[dict[str, torch.Tensor]], per: str) -> int:
 
 def train(cfg: TrainConfig) -> Path:
     """Run supervised training; returns the directory of the final model (``<out>/model``)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     out = Path(cfg.out)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     if accelerator.is_main_process:

@@ -16,6 +16,16 @@ from mmalign.runtime.metrics import MetricsLog
 log = logging.getLogger(__name__)
 
 
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """An ``Accelerator`` for the run; several processes without a GPU (``torchrun`` on CPU) use gloo on the CPU."""
+    import os
+
+    from accelerate import Accelerator
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
+
+
 def unwrapped(accelerator: Any, model: Any) -> torch.nn.Module:
     """The model to save: accelerate's wrappers removed, and the VLM inside a ``PairScorer``."""
     from mmalign.forward import PairScorer

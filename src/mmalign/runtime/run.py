@@ -22,6 +22,11 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps its settings in a process-wide singleton; several runs in one process (the demo, a notebook)
+    # may each ask for their own mixed precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
 

@@ -9,11 +9,12 @@ import pytest
 from mmalign.config import TrainConfig, load_config
 from mmalign.errors import ConfigError
 from mmalign.recipes.contrastive import ContrastiveConfig
+from mmalign.recipes.dpo import DpoConfig
 from mmalign.recipes.pretrain import PretrainConfig
 from mmalign.recipes.sft import SftConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("**/*.yaml"))
-KINDS = {"pretrain": PretrainConfig, "sft": SftConfig, "contrastive": ContrastiveConfig}
+KINDS = {"pretrain": PretrainConfig, "sft": SftConfig, "contrastive": ContrastiveConfig, "dpo": DpoConfig}
 
 
 def test_there_are_configs() -> None:

@@ -142,3 +142,23 @@ def test_bf16_autocast_runs_and_starts_at_ln2(llava_dir: Path, pairs_file: Path,
     # The reply log-probs really were computed in bfloat16 (they differ from float32's in the low digits).
     assert bf16[0]["logps/chosen"] != f32[0]["logps/chosen"]
     assert bf16[0]["logps/chosen"] == pytest.approx(f32[0]["logps/chosen"], rel=1e-2)
+
+
+def test_lora_dpo_uses_the_shared_forward_and_saves_an_adapter(
+    llava_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    rows = _run(
+        llava_dir,
+        pairs_file,
+        tmp_path / "lora",
+        "steps=4",
+        "lora.enabled=true",
+        "lora.r=4",
+        "lora.alpha=8",
+        "freeze.llm=true",
+        "freeze.projector=true",
+    )
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[-1]["rewards/margins"] > 0
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "lora" / "model" / "model.safetensors").exists()

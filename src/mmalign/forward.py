@@ -139,7 +139,7 @@ def prompt_sample(pair: PreferencePair, images: Sequence[Any] | None = None) -> 
 
 def unsupported_reason(model: Any) -> str | None:
     """Why the shared-prompt forward cannot run on ``model`` (``None`` when it can)."""
-    inner = _inner(model)
+    inner = inner_model(model)
     model_type = getattr(getattr(inner, "config", None), "model_type", None)
     if model_type not in ROPE_1D | ROPE_3D:
         return f"model type {model_type!r} is not one the shared-prompt forward knows"
@@ -151,13 +151,13 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
-def _inner(model: Any) -> Any:
+def inner_model(model: Any) -> Any:
     """The HF model under a PEFT wrapper (LoRA layers are injected in place, so they still run)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
-def _prompt_positions(base: Any, model_type: str, prompt: dict[str, torch.Tensor]) -> torch.Tensor:
+def prompt_positions(base: Any, model_type: str, prompt: dict[str, torch.Tensor]) -> torch.Tensor:
     """Position ids of the left-padded prompts: [B, P], or [3, B, P] for M-RoPE."""
     mask = prompt["attention_mask"]
     linear = (mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -187,12 +187,12 @@ def continuation_logps(
 
     ``model`` must pass ``unsupported_reason`` (check first; ``score_pairs`` does).
     """
-    inner = _inner(model)
+    inner = inner_model(model)
     base, lm_head = inner.model, inner.lm_head
     model_type = inner.config.model_type
     prompt, k = batch.prompt, batch.k
     mask = prompt["attention_mask"]
-    pos = _prompt_positions(base, model_type, prompt)
+    pos = prompt_positions(base, model_type, prompt)
     out = base(**prompt, position_ids=pos, use_cache=True, return_dict=True)
     last = out.last_hidden_state[:, -1:]  # left padding: the last column is every prompt's last token
     replies, reply_mask = batch.replies, batch.reply_mask
@@ -240,7 +240,7 @@ def full_sequence_logps(
     """
     inputs = dict(enc)
     labels = inputs.pop("labels")
-    inner = _inner(model)
+    inner = inner_model(model)
     if options.response_logits_only and unsupported_reason(model) is None:
         hidden = inner.model(**inputs, use_cache=False, return_dict=True).last_hidden_state
         target_mask = labels[:, 1:] != IGNORE_INDEX

@@ -184,3 +184,25 @@ class PreferencePair:
             Sample(id=f"{self.id}/chosen", messages=(*self.prompt, Message.assistant(self.chosen)), **common),
             Sample(id=f"{self.id}/rejected", messages=(*self.prompt, Message.assistant(self.rejected)), **common),
         )
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled reply to a prompt.
+
+    Attributes:
+        prompt_id: id of the ``Sample`` it answers.
+        text: the decoded reply (special tokens removed, the forced prefix included).
+        token_ids: the generated token ids (the forced prefix excluded).
+        logp: summed log-probability of the generated tokens under the model (temperature 1, no filtering).
+        finished: True when the reply stopped by itself (end of sequence, or sentence end when asked), False when
+            it hit the token limit.
+        meta: provenance (sampling settings, image-masking rate, sample index ...).
+    """
+
+    prompt_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    logp: float
+    finished: bool
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)

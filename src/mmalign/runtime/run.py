@@ -21,7 +21,6 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     import os
 
     from accelerate import Accelerator
-
     from accelerate.state import AcceleratorState
 
     # accelerate keeps its settings in a process-wide singleton; several runs in one process (the demo, a notebook)

@@ -301,6 +301,69 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pairs(sub: Any) -> None:
+    p = sub.add_parser("pairs", help="build preference pairs without annotators")
+    psub = p.add_subparsers(dest="pairs_command", required=True)
+    b = psub.add_parser("bdhs", help="BDHS: rejected replies written by the model with the image hidden")
+    b.add_argument("--model", required=True, help="local checkpoint directory (the policy, e.g. after SFT)")
+    b.add_argument("--data", required=True, help="samples whose final assistant turn is the ground-truth answer")
+    b.add_argument("--out", required=True, help="output JSONL of pairs (an existing file is continued)")
+    b.add_argument("--rho", type=float, default=0.99, help="probability of hiding each image token")
+    b.add_argument("--epsilon", type=float, default=0.97, help="accept when cosine similarity is below this")
+    b.add_argument("--iterations", type=int, default=5, help="most rounds per example; the last is unguided")
+    b.add_argument("--guidance", choices=["reference", "none"], default="reference")
+    b.add_argument("--corruption", choices=["mask", "noise", "remove"], default="mask", help="how to hide the image")
+    b.add_argument("--noise-steps", type=int, default=500, help="diffusion steps for --corruption noise")
+    b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy continuations")
+    b.add_argument("--max-new-tokens", type=int, default=48, help="per continued sentence")
+    b.add_argument("--embedder", help="sentence-transformers model directory (default: all-MiniLM-L6-v2, offline)")
+    b.add_argument("--batch-size", type=int, default=16, help="examples generated together")
+    b.add_argument("--max-samples", type=int)
+    b.add_argument("--on-bad-record", choices=["fail", "skip"], default="fail")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_pairs_bdhs)
+
+
+def cmd_pairs_bdhs(args: argparse.Namespace) -> int:
+    from mmalign.generation.bdhs import BdhsConfig
+    from mmalign.generation.bdhs_run import run_bdhs
+    from mmalign.generation.embed import SentenceEmbedder
+    from mmalign.models.load import load_model
+
+    try:
+        cfg = BdhsConfig(
+            rho=args.rho,
+            epsilon=args.epsilon,
+            iterations=args.iterations,
+            guidance=args.guidance,
+            corruption=args.corruption,
+            noise_steps=args.noise_steps,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise ConfigError(f"mmalign pairs bdhs: {e}") from None
+    loaded = load_model(args.model)
+    result = run_bdhs(
+        loaded.model,
+        loaded.processor,
+        args.data,
+        args.out,
+        cfg,
+        embedder=SentenceEmbedder(args.embedder),
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        on_bad_record=args.on_bad_record,
+    )
+    rates = ", ".join(f"{i + 1}: {r:.0%}" for i, r in enumerate(result.accepted_by_iteration))
+    print(
+        f"wrote {result.pairs} pairs to {result.out} ({result.generated} new, {result.pairs_per_s:.2f} pairs/s); "
+        f"accepted after iterations {rates}"
+    )
+    return 0
+
+
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="the main job: world → pretrain → SFT → POPE/CHAIR → report")
     p.add_argument("--quick", action="store_true", help="the 2-minute profile")
@@ -321,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmalign", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_world, _add_model, _add_train, _add_eval, _add_demo):
+    for add in (_add_world, _add_model, _add_train, _add_eval, _add_pairs, _add_demo):
         add(sub)
     return parser
 

@@ -194,6 +194,7 @@ class Rollout:
         prompt_id: id of the ``Sample`` it answers.
         text: the decoded reply (special tokens removed, the forced prefix included).
         token_ids: the generated token ids (the forced prefix excluded).
+        prefix: the forced prefix as it decodes (``text`` starts with it); empty when none was given.
         logp: summed log-probability of the generated tokens under the model (temperature 1, no filtering).
         finished: True when the reply stopped by itself (end of sequence, or sentence end when asked), False when
             it hit the token limit.
@@ -205,4 +206,10 @@ class Rollout:
     token_ids: tuple[int, ...]
     logp: float
     finished: bool
+    prefix: str = ""
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def continuation(self) -> str:
+        """What the model generated after the prefix (leading whitespace kept, so ``prefix + continuation``)."""
+        return self.text[len(self.prefix) :]

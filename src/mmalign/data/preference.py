@@ -496,7 +496,7 @@ def write_pairs(pairs: Iterable[PreferencePair], path: str | Path) -> int:
     path = Path(path)
     out_dir = Path(os.path.abspath(path.parent))
     # Serialise everything before touching the disk, so a bad pair leaves no partial file behind.
-    lines = [json.dumps(_pair_row(pair, out_dir), ensure_ascii=False) + "\n" for pair in pairs]
+    lines = [json.dumps(pair_row(pair, out_dir), ensure_ascii=False) + "\n" for pair in pairs]
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -507,7 +507,8 @@ def write_pairs(pairs: Iterable[PreferencePair], path: str | Path) -> int:
     return len(lines)
 
 
-def _pair_row(pair: PreferencePair, out_dir: Path) -> dict[str, Any]:
+def pair_row(pair: PreferencePair, out_dir: Path) -> dict[str, Any]:
+    """One pair as an ``mmalign``-schema JSON row; image paths relative to ``out_dir`` when inside it."""
     row: dict[str, Any] = {
         "id": pair.id,
         "images": [_image_value(ref, pair.root, out_dir) for ref in pair.images],

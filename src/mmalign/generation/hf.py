@@ -178,12 +178,15 @@ def sample_batch(
             r = i * n + j
             ids = generated[r][: int(lengths[r])]
             text = tok.decode(prefix_ids + ids, skip_special_tokens=True).strip()
+            prefix = tok.decode(prefix_ids, skip_special_tokens=True).strip()
+            if not text.startswith(prefix):  # a tokenizer that merges across the boundary: keep them apart
+                text = f"{prefix} {tok.decode(ids, skip_special_tokens=True).strip()}".strip()
             meta: dict[str, Any] = {"sample": j, "temperature": params.temperature}
             if keep is not None:
                 is_image = enc["input_ids"][r] == _image_token_id(model)
                 meta["image_drop"] = image_drop
                 meta["image_tokens_visible"] = float(keep[r][is_image].float().mean()) if is_image.any() else 1.0
-            group.append(Rollout(sample.id, text, tuple(ids), float(logp[r]), bool(finished[r]), meta))
+            group.append(Rollout(sample.id, text, tuple(ids), float(logp[r]), bool(finished[r]), prefix, meta))
         results.append(group)
     return results
 

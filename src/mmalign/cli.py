@@ -146,20 +146,22 @@ def _add_train(sub: Any) -> None:
         ("sft", "instruction tuning"),
         ("contrastive", "CLIP-style warm-up of a random-init vision path on image-caption pairs"),
         ("dpo", "offline preference optimisation (--loss dpo|cdpo|robust|ipo|hinge|dpo_norm|simpo|mdpo|mm_dpo|...)"),
+        ("online-dpo", "online / hybrid DPO: pairs sampled from the current policy and ranked by a judge, or BDHS"),
     ):
         r = tsub.add_parser(name, help=text)
         _common_train_flags(r)
-        if name == "dpo":
+        if name in ("dpo", "online-dpo"):
             r.add_argument("--loss", help="loss name from mmalign.losses.LOSSES (default dpo)")
         r.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmalign.config import load_config
-    from mmalign.recipes import contrastive, dpo, pretrain, sft
+    from mmalign.recipes import contrastive, dpo, online_dpo, pretrain, sft
 
     recipes: dict[str, tuple[type, Callable[..., Path]]] = {
         "dpo": (dpo.DpoConfig, dpo.train),
+        "online-dpo": (online_dpo.OnlineDpoConfig, online_dpo.train),
         "contrastive": (contrastive.ContrastiveConfig, contrastive.train),
         "pretrain": (pretrain.PretrainConfig, pretrain.train),
         "sft": (sft.SftConfig, sft.train),

@@ -171,7 +171,7 @@ def _round(
 
 def bdhs_pairs(
     generator: Generator,
-    embedder: Embedder,
+    embedder: Embedder | None,
     samples: Sequence[Sample],
     cfg: BdhsConfig,
     *,
@@ -180,6 +180,7 @@ def bdhs_pairs(
     """BDHS pairs for ``samples`` (each with a final assistant turn: its ground-truth answer).
 
     Args:
+        embedder: embeds replies for the similarity filter; ``None`` accepts every reply (one round is then enough).
         seed: seed of this batch's generation (the caller derives it from the run seed and the batch index).
 
     Returns:
@@ -193,13 +194,16 @@ def bdhs_pairs(
             break
         unguided = cfg.guidance == "none" or (cfg.iterations > 1 and it == cfg.iterations - 1)
         rejected = _round(generator, todo, cfg, it, unguided, seed * 1_000 + it)
-        sims = cosine(embedder, [a.chosen for a in todo], rejected)
+        if embedder is None:
+            sims = [float("nan")] * len(todo)
+        else:
+            sims = cosine(embedder, [a.chosen for a in todo], rejected)
         last = it == cfg.iterations - 1
         still = []
         for a, text, sim in zip(todo, rejected, sims):
             a.rejected, a.similarity, a.iteration = text, sim, it + 1
             a.history.append(sim)
-            if sim < cfg.epsilon and text:
+            if text and (embedder is None or sim < cfg.epsilon):
                 a.accepted = True
                 accepted_at[it] += 1
             elif not last:

@@ -111,3 +111,15 @@ def test_prefix_is_continued_and_kept(llava_dir: Path, world_dir: Path) -> None:
         prefixes=["There are two"],
     )
     assert out[0][0].text.startswith("There are two")
+
+
+def test_vllm_backend_is_imported_only_when_built() -> None:
+    import sys
+
+    from mmalign.generation.vllm import VllmGenerator, vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    assert "vllm" not in sys.modules
+    with pytest.raises(ImportError):
+        VllmGenerator("/nonexistent")

@@ -374,6 +374,24 @@ def _add_demo(sub: Any) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _add_study(sub: Any) -> None:
+    p = sub.add_parser("study", help="the alignment study's grid on the world (BDHS, online, mixed, mDPO vs oracle)")
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--demo", help="a finished `mmalign demo` directory to start from (default: run the demo first)")
+    p.add_argument("--quick", action="store_true", help="the quick profile (smoke test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_study)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from mmalign.study import run_study
+
+    demo = Path(args.demo) if args.demo else None
+    report = run_study(Path(args.out), demo_dir=demo, quick=args.quick, seed=args.seed)
+    print(f"report: {report}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmalign.demo import run_demo
 
@@ -386,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmalign", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_world, _add_model, _add_train, _add_eval, _add_pairs, _add_demo):
+    for add in (_add_world, _add_model, _add_train, _add_eval, _add_pairs, _add_demo, _add_study):
         add(sub)
     return parser
 

@@ -28,7 +28,7 @@ from mmalign.world import (
     short_caption,
     write_world,
 )
-from mmalign.world.qa import existence_question
+from mmalign.world.qa import exchanges, existence_question
 from mmalign.world.scenes import Scene, SceneObject
 from mmalign.world.text import article, caption, plural, position_phrase
 
@@ -83,6 +83,9 @@ def mentions(text: str, vocab: dict[str, list[str]]) -> list[tuple[str, str]]:
         ({"shapes": ("circle", "square", "star", "moon")}, "too few"),
         ({"colours": {"red": (300, 0, 0), "blue": (0, 0, 255)}}, "colours"),
         ({"n_train": -1}, "n_train"),
+        ({"caption_order": "random"}, "caption_order"),
+        ({"partner_question_prob": -0.1}, "partner_question_prob"),
+        ({"partner_small_prob": 2.0}, "partner_small_prob"),
     ],
 )
 def test_config_validation(kwargs: dict, message: str) -> None:
@@ -173,6 +176,25 @@ def test_training_scenes_plant_the_pairs(pair_prob: float) -> None:
         assert max(Counter(o.shape for o in scene.objects).values()) <= 2
     repeated = sum(len(s.shapes) < len(s.objects) for s in scenes) / len(scenes)
     assert 0.0 < repeated < 0.2
+
+
+@pytest.mark.parametrize("small_prob", [0.0, 1.0])
+def test_brought_partners_are_small_with_partner_small_prob(small_prob: float) -> None:
+    cfg = WorldConfig(n_train=1500, seed=4, partner_small_prob=small_prob)
+    both = []
+    for scene in sample_scenes(cfg, "train"):
+        for pair in cfg.pairs:
+            objs = [o for o in scene.objects if o.shape in pair]
+            if {o.shape for o in objs} == set(pair):
+                both.append(any(o.size == "small" for o in objs))
+    # One member of every pair that appears together was brought by the other: with probability 1 it is small;
+    # with 0 sizes are uniform, and at least one of two objects is small 3 times in 4.
+    rate = sum(both) / len(both)
+    assert len(both) > 300
+    assert rate == 1.0 if small_prob == 1.0 else abs(rate - 0.75) < 0.06
+    # The knob changes sizes only: the same shapes and cells are drawn either way.
+    plain = sample_scenes(replace(cfg, partner_small_prob=0.0), "train")
+    assert [s.shapes for s in plain] == [s.shapes for s in sample_scenes(cfg, "train")]
 
 
 def test_eval_scenes_break_the_pairs() -> None:
@@ -328,6 +350,41 @@ def test_detailed_caption_reads_in_order() -> None:
     assert short_caption(scene, cfg) == "Two stars and a blue moon."
 
 
+def test_grouped_order_puts_the_partner_right_after_its_member() -> None:
+    cfg = WorldConfig(caption_order="grouped")
+    scene = Scene(
+        "train",
+        0,
+        (
+            SceneObject("star", "red", "large", 0, 0),
+            SceneObject("circle", "green", "small", 0, 2),
+            SceneObject("moon", "blue", "small", 1, 1),
+            SceneObject("star", "orange", "small", 2, 1),
+        ),
+    )
+    assert detailed_caption(scene, cfg) == (
+        "There are four objects. A large red star is at the top left. A small blue moon is in the center. "
+        "A small green circle is at the top right. A small orange star is at the bottom."
+    )
+    assert short_caption(scene, cfg) == "Two stars, a blue moon and a green circle."
+    # Reading order (the default) keeps row-major order.
+    assert short_caption(scene, WorldConfig()) == "Two stars, a green circle and a blue moon."
+    # Over many scenes, every caption names each present partner right after its member's first mention.
+    cfg = WorldConfig(n_train=300, seed=8, caption_order="grouped", synonym_prob=0.0)
+    shape_words = re.compile("|".join(sorted((w for s in cfg.shapes for w in (plural(s), s)), key=len, reverse=True)))
+    singular = {plural(s): s for s in cfg.shapes}
+    n_pairs = 0
+    for scene in sample_scenes(cfg, "train"):
+        for text in (short_caption(scene, cfg), detailed_caption(scene, cfg).split(". ", 1)[1]):
+            named = [singular.get(w, w) for w in shape_words.findall(text)]
+            for a, b in cfg.pairs:
+                if a in scene.shapes and b in scene.shapes:
+                    first = min(named.index(a), named.index(b))
+                    assert {named[first], named[first + 1]} == {a, b}, text
+                    n_pairs += 1
+    assert n_pairs > 100
+
+
 def test_words() -> None:
     assert (article("orange"), article("red")) == ("an", "a")
     assert (plural("cross"), plural("box"), plural("star")) == ("crosses", "boxes", "stars")
@@ -355,3 +412,20 @@ def test_sft_questions_match_the_ground_truth(world: Path) -> None:
         elif meta["task"] == "count":
             assert meta["count"] == scene.count(meta["object"]) >= 1
     assert 0.45 <= labels.count("yes") / len(labels) <= 0.55
+
+
+@pytest.mark.parametrize("question_prob", [1.0, 0.0])
+def test_partner_question_prob_sets_how_often_a_missing_partner_is_asked(question_prob: float) -> None:
+    cfg = WorldConfig(n_train=800, seed=9, partner_question_prob=question_prob)
+    asked = lone = 0
+    for scene in sample_scenes(cfg, "train"):
+        missing = {cfg.partner[s] for s in scene.shapes if s in cfg.partner} - set(scene.shapes)
+        if not missing:
+            continue
+        lone += 1
+        exs = exchanges(scene, cfg, random.Random(scene.image_id))
+        negatives = [e.meta["object"] for e in exs if e.task == "existence" and e.meta["label"] == "no"]
+        asked += any(e in missing for e in negatives)
+    assert lone > 50
+    # Uniform negatives ask about a missing partner in a good share of the scenes that lack one; 0 never does.
+    assert asked == 0 if question_prob == 0.0 else asked / lone > 0.2

@@ -46,6 +46,13 @@ DEFAULT_POSITIONS: tuple[tuple[str, ...], ...] = (
 
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("star", "moon"), ("heart", "cross"))
 
+# How captions order their objects: ``reading`` is row-major; ``grouped`` is row-major except that a planted
+# partner is mentioned right after its member (see ``mmalign.world.text.mention_order``).
+CAPTION_ORDERS: tuple[str, ...] = ("reading", "grouped")
+# How a detailed caption opens: ``count`` ("There are three objects.") commits to the number of objects before
+# naming any; ``list`` ("The image shows a red star, a blue moon and a green circle.") names them without a count.
+DETAILED_INTROS: tuple[str, ...] = ("count", "list")
+
 WORLD_JSON = "world.json"
 
 
@@ -64,6 +71,13 @@ class WorldConfig:
         pair_prob: in training scenes, probability that a pair member brings its partner.
         duplicate_prob: per extra object, probability of repeating a shape already in the scene.
         synonym_prob: per caption, per shape, probability of naming it by a synonym.
+        partner_small_prob: in training scenes, probability that a partner brought along by its member is
+            drawn at the smallest size (otherwise its size is uniform like every object's).
+        caption_order: one of ``CAPTION_ORDERS``.
+        detailed_intro: one of ``DETAILED_INTROS``.
+        partner_question_prob: per training scene and per missing partner of a present member, probability
+            that the partner may be drawn as an existence question's negative (1: negatives uniform over the
+            absent shapes; 0: never asked).
         image_size: side of the square images, in pixels.
         n_train: number of training scenes.
         n_eval: number of held-out eval scenes.
@@ -80,6 +94,10 @@ class WorldConfig:
     pair_prob: float = 0.9
     duplicate_prob: float = 0.08
     synonym_prob: float = 0.15
+    partner_small_prob: float = 0.0
+    caption_order: str = "reading"
+    detailed_intro: str = "count"
+    partner_question_prob: float = 1.0
     image_size: int = 64
     n_train: int = 2000
     n_eval: int = 200
@@ -92,12 +110,20 @@ class WorldConfig:
         _check_positions(self.positions)
         _check_counts(self)
         _check_pairs(self.pairs, self.shapes, self.max_objects)
-        for name in ("pair_prob", "duplicate_prob", "synonym_prob"):
+        for name in ("pair_prob", "duplicate_prob", "synonym_prob", "partner_small_prob", "partner_question_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {value}")
         if self.synonym_prob > 0.2:
             raise ValueError(f"WorldConfig.synonym_prob must be at most 0.2, got {self.synonym_prob}")
+        if self.caption_order not in CAPTION_ORDERS:
+            raise ValueError(
+                f"WorldConfig.caption_order must be one of {', '.join(CAPTION_ORDERS)}, got {self.caption_order!r}"
+            )
+        if self.detailed_intro not in DETAILED_INTROS:
+            raise ValueError(
+                f"WorldConfig.detailed_intro must be one of {', '.join(DETAILED_INTROS)}, got {self.detailed_intro!r}"
+            )
         if self.image_size < 32:
             raise ValueError(f"WorldConfig.image_size must be at least 32 pixels, got {self.image_size}")
 

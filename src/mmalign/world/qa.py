@@ -1,7 +1,9 @@
 """Instruction-tuning exchanges about a training scene: describe, existence, colour, count, position.
 
 Questions name shapes canonically. Existence negatives are drawn uniformly among absent shapes, so
-questions about a missing planted partner stay as rare in training as the bias makes them. Colour and
+questions about a missing planted partner stay as rare in training as the bias makes them; with
+``partner_question_prob`` < 1 a missing partner is left out of the candidates (the way annotators rarely ask
+"is there a table?" about a picture of a fork without one), rarer still. Colour and
 position questions are only asked about shapes that appear exactly once (otherwise the answer would be
 ambiguous), and never about absent shapes.
 """
@@ -62,9 +64,15 @@ def describe(scene: Scene, cfg: WorldConfig, rng: random.Random) -> Exchange:
 
 
 def existence(scene: Scene, cfg: WorldConfig, rng: random.Random) -> list[Exchange]:
-    """``k`` yes-questions about present shapes and ``k`` no-questions about absent ones, shuffled."""
+    """``k`` yes-questions about present shapes and ``k`` no-questions about absent ones, shuffled.
+
+    Each missing partner of a present member stays among the absent candidates with ``partner_question_prob``.
+    """
     present = list(scene.shapes)
     absent = [s for s in cfg.shapes if s not in present]
+    if cfg.partner_question_prob < 1:
+        missing = {cfg.partner[s] for s in present if s in cfg.partner} - set(present)
+        absent = [s for s in absent if s not in missing or rng.random() < cfg.partner_question_prob]
     k = min(MAX_EXISTENCE_PAIRS, len(present), len(absent))
     out = [
         Exchange("existence", existence_question(s), "Yes.", {"object": s, "label": "yes"})

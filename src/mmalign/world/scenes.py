@@ -89,9 +89,14 @@ class Scene:
 def sample_scenes(cfg: WorldConfig, split: Split) -> list[Scene]:
     """All scenes of one split, from a generator seeded by ``(cfg.seed, split)`` only."""
     rng = random.Random(f"{cfg.seed}/scenes/{split}")
+    # The partner-size coins have their own stream, so that ``partner_small_prob`` changes sizes and nothing else.
+    size_rng = random.Random(f"{cfg.seed}/partner-size/{split}")
     n = cfg.n_train if split == "train" else cfg.n_eval
-    draw = _train_shapes if split == "train" else _eval_shapes
-    return [_place(rng, cfg, split, i, draw(rng, cfg)) for i in range(n)]
+    scenes = []
+    for i in range(n):
+        shapes, brought = _train_shapes(rng, cfg) if split == "train" else (_eval_shapes(rng, cfg), set())
+        scenes.append(_place(rng, size_rng, cfg, split, i, shapes, brought))
+    return scenes
 
 
 def load_scenes(directory: str | Path, split: Split | None = None) -> list[Scene]:
@@ -130,12 +135,14 @@ def cooccurrence_matrix(scenes: Iterable[Scene], shapes: Sequence[str]) -> list[
     return m
 
 
-def _train_shapes(rng: random.Random, cfg: WorldConfig) -> list[str]:
+def _train_shapes(rng: random.Random, cfg: WorldConfig) -> tuple[list[str], set[int]]:
+    """The scene's shapes, and the indices of the partners that a member's coin brought along."""
     partner = cfg.partner
     coin = cfg.pair_prob / (2.0 - cfg.pair_prob)
     n = rng.randint(cfg.min_objects, cfg.max_objects)
     shapes: list[str] = []
     banned: set[str] = set()
+    brought: set[int] = set()
 
     def unresolved(s: str) -> bool:
         return s in partner and partner[s] not in shapes and partner[s] not in banned
@@ -155,10 +162,11 @@ def _train_shapes(rng: random.Random, cfg: WorldConfig) -> list[str]:
         if needs_decision:
             if rng.random() < coin:
                 n = max(n, len(shapes) + 1)
+                brought.add(len(shapes))
                 shapes.append(partner[s])
             else:
                 banned.add(partner[s])
-    return shapes
+    return shapes, brought
 
 
 def _eval_shapes(rng: random.Random, cfg: WorldConfig) -> list[str]:
@@ -194,20 +202,35 @@ def _maybe_duplicate(rng: random.Random, cfg: WorldConfig, shapes: list[str]) ->
     return True
 
 
-def _place(rng: random.Random, cfg: WorldConfig, split: Split, index: int, shapes: list[str]) -> Scene:
-    """Give each shape a colour, a size and a distinct cell; order objects row-major."""
+def _place(
+    rng: random.Random,
+    size_rng: random.Random,
+    cfg: WorldConfig,
+    split: Split,
+    index: int,
+    shapes: list[str],
+    brought: set[int],
+) -> Scene:
+    """Give each shape a colour, a size and a distinct cell; order objects row-major.
+
+    A partner that its member brought along (index in ``brought``) is drawn at the smallest size with
+    ``cfg.partner_small_prob`` (a coin from ``size_rng``): the object that comes with another is often the one
+    barely in view, like the table at the edge of a photo of a fork.
+    """
     n_cells = cfg.grid_rows * cfg.grid_cols
     cells = rng.sample(range(n_cells), len(shapes))
     colours, sizes = list(cfg.colours), list(cfg.sizes)
-    objects = [
-        SceneObject(
-            shape=s,
-            colour=rng.choice(colours),
-            size=rng.choice(sizes),
-            row=cell // cfg.grid_cols,
-            col=cell % cfg.grid_cols,
-        )
-        for s, cell in zip(shapes, cells)
-    ]
+    smallest = min(sizes, key=lambda name: cfg.sizes[name])
+
+    def size(i: int) -> str:
+        drawn = rng.choice(sizes)
+        if i in brought and size_rng.random() < cfg.partner_small_prob:
+            return smallest
+        return drawn
+
+    objects = []
+    for i, (s, cell) in enumerate(zip(shapes, cells)):
+        colour = rng.choice(colours)
+        objects.append(SceneObject(s, colour, size(i), row=cell // cfg.grid_cols, col=cell % cfg.grid_cols))
     objects.sort(key=lambda o: (o.row, o.col))
     return Scene(split=split, index=index, objects=tuple(objects))

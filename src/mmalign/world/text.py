@@ -30,6 +30,12 @@ INTRO_TEMPLATES = (
     "The image shows {n} {objects}: {list}.",
     "There {are} {n} {shapes} in the image.",
 )
+# Intros that name the objects without counting them first (``detailed_intro="list"``).
+LIST_INTRO_TEMPLATES = (
+    "The image shows {list}.",
+    "There {is_are} {list} in the image.",
+    "In the image, you can see {list}.",
+)
 OBJECT_TEMPLATES = ("{A_np} is {where}.", "{Where}, there is {a_np}.", "You can see {a_np} {where}.")
 
 
@@ -86,6 +92,33 @@ def chair_vocab(cfg: WorldConfig) -> dict[str, dict[str, list[str]]]:
     return {"synonyms": out}
 
 
+def mention_order(scene: Scene, cfg: WorldConfig) -> tuple[SceneObject, ...]:
+    """The scene's objects in the order captions mention them.
+
+    ``caption_order="reading"``: row-major. ``"grouped"``: row-major, except that the first mention of a planted
+    pair member is followed at once by its partner's objects, wherever they are, as people name things that go
+    together one after the other ("a fork and a table"). A model that learns this order learns that "a star and a"
+    is followed by a moon, and has to look at the image to write anything else.
+    """
+    if cfg.caption_order == "reading":
+        return scene.objects
+    partner = cfg.partner
+    order: list[SceneObject] = []
+    for obj in scene.objects:
+        if obj in order:
+            continue
+        first_of_shape = all(o.shape != obj.shape for o in order)
+        order.append(obj)
+        if first_of_shape and obj.shape in partner:
+            order += [o for o in scene.objects if o.shape == partner[obj.shape] and o not in order]
+    return tuple(order)
+
+
+def mentioned_shapes(scene: Scene, cfg: WorldConfig) -> tuple[str, ...]:
+    """Distinct shapes in ``mention_order``."""
+    return tuple(dict.fromkeys(o.shape for o in mention_order(scene, cfg)))
+
+
 def pick_names(scene: Scene, cfg: WorldConfig, rng: random.Random | None) -> dict[str, str]:
     """The word used for each shape of the scene in one caption (same word throughout the caption)."""
     names = {}
@@ -105,10 +138,12 @@ def noun_phrase(obj: SceneObject, name: str, with_size: bool) -> str:
     return f"{obj.size} {obj.colour} {name}" if with_size else f"{obj.colour} {name}"
 
 
-def group_phrases(scene: Scene, names: dict[str, str], rng: random.Random | None, size_prob: float = 0.3) -> list[str]:
-    """One phrase per distinct shape: ``a red star``, ``two blue moons``, ``two stars``."""
+def group_phrases(
+    scene: Scene, cfg: WorldConfig, names: dict[str, str], rng: random.Random | None, size_prob: float = 0.3
+) -> list[str]:
+    """One phrase per distinct shape, in mention order: ``a red star``, ``two blue moons``, ``two stars``."""
     phrases = []
-    for shape in scene.shapes:
+    for shape in mentioned_shapes(scene, cfg):
         objs = [o for o in scene.objects if o.shape == shape]
         name = names[shape]
         if len(objs) == 1:
@@ -124,7 +159,7 @@ def group_phrases(scene: Scene, names: dict[str, str], rng: random.Random | None
 def short_caption(scene: Scene, cfg: WorldConfig, rng: random.Random | None = None) -> str:
     """One sentence listing the objects, e.g. ``A red star and a small blue moon.``"""
     names = pick_names(scene, cfg, rng)
-    phrases = group_phrases(scene, names, rng)
+    phrases = group_phrases(scene, cfg, names, rng)
     template = _choice(rng, SHORT_TEMPLATES)
     if template.startswith("There is") and not phrases[0].startswith(("a ", "an ")):
         template = "There are {list}."
@@ -132,27 +167,36 @@ def short_caption(scene: Scene, cfg: WorldConfig, rng: random.Random | None = No
 
 
 def detailed_caption(scene: Scene, cfg: WorldConfig, rng: random.Random | None = None) -> str:
-    """An object count, then one sentence per object in reading order.
+    """An intro (the object count, or with ``detailed_intro="list"`` the object list), then one sentence per
+    object in mention order (``mention_order``).
 
     Example: ``There are two objects. A large red star is at the top left. A small blue moon is in
     the center.``
     """
     names = pick_names(scene, cfg, rng)
-    n = len(scene.objects)
-    intro = _choice(rng, INTRO_TEMPLATES).format(
-        are="is" if n == 1 else "are",
-        n=number(n),
-        objects="object" if n == 1 else "objects",
-        shapes="shape" if n == 1 else "shapes",
-        list=join_list(group_phrases(scene, names, None)),
-    )
-    sentences = [capitalize(intro)]
-    for obj in scene.objects:
+    sentences = [capitalize(_intro(scene, cfg, names, rng))]
+    for obj in mention_order(scene, cfg):
         a_np = with_article(noun_phrase(obj, names[obj.shape], with_size=True))
         w = where(obj, cfg)
         text = _choice(rng, OBJECT_TEMPLATES).format(A_np=a_np, a_np=a_np, where=w, Where=w)
         sentences.append(capitalize(text))
     return " ".join(sentences)
+
+
+def _intro(scene: Scene, cfg: WorldConfig, names: dict[str, str], rng: random.Random | None) -> str:
+    """The detailed caption's first sentence: the object count (``detailed_intro="count"``) or the object list."""
+    phrases = group_phrases(scene, cfg, names, None)
+    if cfg.detailed_intro == "list":
+        is_are = "is" if phrases[0].startswith(("a ", "an ")) else "are"
+        return _choice(rng, LIST_INTRO_TEMPLATES).format(list=join_list(phrases), is_are=is_are)
+    n = len(scene.objects)
+    return _choice(rng, INTRO_TEMPLATES).format(
+        are="is" if n == 1 else "are",
+        n=number(n),
+        objects="object" if n == 1 else "objects",
+        shapes="shape" if n == 1 else "shapes",
+        list=join_list(phrases),
+    )
 
 
 def caption(scene: Scene, cfg: WorldConfig, rng: random.Random, detailed_prob: float = 0.4) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mmalign.config import load_config
+from mmalign.world.config import WorldConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,17 +35,37 @@ class DemoProfile:
     n_eval: int
     pretrain_steps: int
     sft_steps: int
-    # Co-occurrence probability of the planted pairs in training scenes (the world's default).
+    # The world's planted bias (``WorldConfig``): co-occurrence of the pairs in training scenes, how captions order
+    # a pair, how often a missing partner is asked about, how often a brought-along partner is small. Never asking
+    # about a missing partner in training (as annotators rarely ask "is there a table?" of a fork photo) is what
+    # makes the bias show in POPE (measured, seed 0: F1 gap random − adversarial 0.009 → 0.100; README).
     pair_prob: float = 0.9
+    caption_order: str = "reading"
+    detailed_intro: str = "count"
+    partner_question_prob: float = 0.0
+    partner_small_prob: float = 0.0
     batch_size: int = 16
     lr: float = 1e-3
     chair_max_new_tokens: int = 80
     dpo_steps: int = 200
-    dpo_lr: float = 5e-5
+    dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
     # NLL on the chosen reply beside the preference loss (RPO): without it the rejected captions' extra sentence
     # teaches the model to stop early (measured: caption length 27 → 6 words, recall 0.74 → 0.07).
     dpo_rpo_alpha: float = 1.0
+
+    def world_config(self, seed: int) -> WorldConfig:
+        """The world this profile trains and evaluates on."""
+        return WorldConfig(
+            n_train=self.n_train,
+            n_eval=self.n_eval,
+            seed=seed,
+            pair_prob=self.pair_prob,
+            caption_order=self.caption_order,
+            detailed_intro=self.detailed_intro,
+            partner_question_prob=self.partner_question_prob,
+            partner_small_prob=self.partner_small_prob,
+        )
 
 
 PROFILES = {
@@ -127,20 +148,14 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
     from mmalign.models.load import load_model
     from mmalign.models.vocab import corpus_images, corpus_texts
     from mmalign.recipes import pretrain, sft
-    from mmalign.world import make_world
+    from mmalign.world import write_world
 
     profile = PROFILES["quick" if quick else "default"]
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     world = out / "world"
-    _timed(
-        timings,
-        "world",
-        lambda: make_world(
-            world, n_train=profile.n_train, n_eval=profile.n_eval, seed=seed, pair_prob=profile.pair_prob
-        ),
-    )
+    _timed(timings, "world", lambda: write_world(profile.world_config(seed), world))
 
     def init() -> Path:
         model, processor = build_tiny(

@@ -11,10 +11,11 @@ Rows (Amirloo et al., "Understanding Alignment in Multimodal LLMs", reproduced o
 * mixed DPO — per example, the oracle pair with probability 0.5, else an online pair;
 * mDPO on BDHS pairs.
 
-Every preference run starts from the same SFT model with the same steps, batch, learning rate, β and RPO weight
-(those of the demo profile). Columns: POPE F1 on the three splits, CHAIR_i, CHAIR_s, object recall (the helpfulness
-proxy: how many true objects the captions name) and mean caption length. The study reuses an earlier
-``mmalign demo`` output directory (its world, SFT model and SFT/oracle-DPO evaluations) or runs the demo first.
+Every preference run starts from the same SFT model, sees the same training prompts (the first ``prompts`` scenes of
+the oracle pairs) and has the same steps, batch, learning rate, β and RPO weight (those of the demo profile).
+Columns: POPE F1 on the three splits, CHAIR_i, CHAIR_s, object recall (the helpfulness proxy: how many true objects
+the captions name) and mean caption length. The study reuses an earlier ``mmalign demo`` output directory (its world,
+SFT model and SFT evaluation) or runs the demo first.
 """
 
 from __future__ import annotations
@@ -131,8 +132,15 @@ def _plot(out: Path, results: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-def run_study(out: Path, *, demo_dir: Path | None = None, quick: bool = False, seed: int = 0) -> Path:
-    """Run the grid into ``out``; returns ``out/study.md``."""
+def run_study(
+    out: Path, *, demo_dir: Path | None = None, quick: bool = False, seed: int = 0, prompts: int | None = None
+) -> Path:
+    """Run the grid into ``out``; returns ``out/study.md``.
+
+    Every preference run sees the same ``prompts`` training scenes (default: 800, quick: 80): the oracle pairs'
+    prompts, the BDHS and image-removed pairs written for them, the online runs' prompts. Finished rows are kept in
+    ``out/study.json`` after each run and skipped when the study is started again (BDHS files continue too).
+    """
     from mmalign.demo import PROFILES, run_demo
     from mmalign.generation.bdhs import BdhsConfig
     from mmalign.generation.bdhs_run import run_bdhs
@@ -147,23 +155,35 @@ def run_study(out: Path, *, demo_dir: Path | None = None, quick: bool = False, s
         run_demo(demo_dir, quick=quick, seed=seed)
     demo = json.loads((demo_dir / "results.json").read_text())
     world, sft_model = demo_dir / "world", demo_dir / "runs" / "sft" / "model"
-    results: dict[str, dict[str, Any]] = {
-        "sft": {"pope": demo["pope"], "chair": demo["chair"]},
-        "dpo_oracle": demo["alignment"]["dpo"],
-    }
-    timings: dict[str, float] = {}
-    n_prompts = min(profile.dpo_steps * 8, 2000)
-    prompts = prompts_from_pairs(world / "pairs.jsonl", world / "study_prompts.jsonl", n_prompts)
-    loaded = load_model(sft_model)
-    embedder = SentenceEmbedder()
+    state_file = out / "study.json"
+    results: dict[str, Any] = json.loads(state_file.read_text()) if state_file.exists() else {}
+    results["sft"] = {"pope": demo["pope"], "chair": demo["chair"]}
+    timings: dict[str, float] = results.setdefault("_timings_s", {})
+
+    def save() -> None:
+        tmp = state_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(state_file)
+
+    n_prompts = prompts or (80 if quick else 800)
+    oracle_pairs = world / "study_oracle_pairs.jsonl"
+    lines = (world / "pairs.jsonl").read_text(encoding="utf-8").splitlines()[:n_prompts]
+    oracle_pairs.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    prompt_file = prompts_from_pairs(oracle_pairs, world / "study_prompts.jsonl", n_prompts)
     pair_files = {}
+    loaded = None
     for name, corruption in (("bdhs", "mask"), ("no_image", "remove")):
+        pair_files[name] = world / f"study_{name}_pairs.jsonl"
+        if name in results.get("_bdhs", {}):
+            continue
+        if loaded is None:
+            loaded, embedder = load_model(sft_model), SentenceEmbedder()
         t0 = time.perf_counter()
         cfg = BdhsConfig(corruption=corruption, seed=seed, max_new_tokens=24)
-        made = run_bdhs(loaded.model, loaded.processor, prompts, world / f"{name}_pairs.jsonl", cfg, embedder=embedder)
+        made = run_bdhs(loaded.model, loaded.processor, prompt_file, pair_files[name], cfg, embedder=embedder)
         timings[f"pairs {name}"] = time.perf_counter() - t0
-        pair_files[name] = made.out
         results.setdefault("_bdhs", {})[name] = {"accepted_by_iteration": made.accepted_by_iteration}
+        save()
     common = {
         "model": str(sft_model),
         "steps": profile.dpo_steps,
@@ -175,33 +195,48 @@ def run_study(out: Path, *, demo_dir: Path | None = None, quick: bool = False, s
     }
     freeze = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false"]
     runs: dict[str, tuple[Any, Any, dict[str, Any], list[str]]] = {
+        "dpo_oracle": (dpo.DpoConfig, dpo.train, {"data": str(oracle_pairs)}, []),
         "dpo_bdhs": (dpo.DpoConfig, dpo.train, {"data": str(pair_files["bdhs"])}, []),
         "dpo_no_image": (dpo.DpoConfig, dpo.train, {"data": str(pair_files["no_image"])}, []),
         "mdpo_bdhs": (dpo.DpoConfig, dpo.train, {"data": str(pair_files["bdhs"])}, ["loss=mdpo"]),
-        "online_dpo": (online_dpo.OnlineDpoConfig, online_dpo.train, {"data": str(prompts)}, [f"world={world}"]),
+        "online_dpo": (online_dpo.OnlineDpoConfig, online_dpo.train, {"data": str(prompt_file)}, [f"world={world}"]),
         "mixed_dpo": (
             online_dpo.OnlineDpoConfig,
             online_dpo.train,
-            {"data": str(prompts)},
-            [f"world={world}", f"offline_data={world / 'pairs.jsonl'}", "mix_p=0.5"],
+            {"data": str(prompt_file)},
+            [f"world={world}", f"offline_data={oracle_pairs}", "mix_p=0.5"],
         ),
     }
     for name, (cls, train, flags, overrides) in runs.items():
+        if name in results:
+            continue
         t0 = time.perf_counter()
         cfg = load_config(cls, flags={**common, **flags, "out": str(out / "runs" / name)}, overrides=freeze + overrides)
         model_dir = train(cfg)
         timings[name] = time.perf_counter() - t0
         results[name] = evaluate(model_dir, world, profile.chair_max_new_tokens)
-    results["_timings_s"] = timings
-    (out / "study.json").write_text(json.dumps(results, indent=2) + "\n")
+        save()
     closed = gap_closed(results)
-    lines = ["# The alignment study on the world", "", *study_table(results), ""]
+    report_lines = [
+        "# The alignment study on the world",
+        "",
+        f"{n_prompts} training prompts, {profile.dpo_steps} steps per run, from `{sft_model}`.",
+        "",
+        *study_table(results),
+        "",
+    ]
     if closed is not None:
-        lines.append(f"DPO on BDHS pairs closes {closed:.0%} of the CHAIR_i gap between SFT and DPO on oracle pairs.")
+        report_lines.append(
+            f"DPO on BDHS pairs closes {closed:.0%} of the CHAIR_i gap between SFT and DPO on oracle pairs."
+        )
     for name, info in results["_bdhs"].items():
         rates = ", ".join(f"{r:.0%}" for r in info["accepted_by_iteration"])
-        lines.append(f"BDHS ({name}) accepted after each iteration: {rates}.")
-    lines += ["", f"![study]({_plot(out, results).name})", ""]
+        report_lines.append(f"BDHS ({name}) accepted after each iteration: {rates}.")
+    report_lines.append("")
+    report_lines.append("| stage | seconds |")
+    report_lines.append("|---|---|")
+    report_lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    report_lines += ["", f"![study]({_plot(out, results).name})", ""]
     report = out / "study.md"
-    report.write_text("\n".join(lines) + "\n")
+    report.write_text("\n".join(report_lines) + "\n")
     return report

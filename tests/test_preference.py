@@ -473,3 +473,24 @@ def test_world_pairs_arguments(world: Path) -> None:
         world_pairs(world, kinds=("count",))
     colour_only = world_pairs(world, kinds=("attribute",))
     assert {p.meta["kind"] for p in colour_only} == {"attribute"}
+
+
+def test_existence_pairs_are_balanced_pope_questions(world: Path) -> None:
+    from mmalign.world import load_scenes, load_world_config
+    from mmalign.world.pairs import world_pairs
+    from mmalign.world.text import with_article
+
+    cfg, scenes = load_world_config(world), {s.image_id: s for s in load_scenes(world, "train")}
+    pairs = world_pairs(world, kinds=("existence",), per_scene=4)
+    labels = [p.meta["label"] for p in pairs]
+    assert 0.3 < labels.count("no") / len(labels) < 0.7
+    for pair in pairs:
+        scene, shape = scenes[pair.meta["image_id"]], pair.meta["object"]
+        assert pair.prompt == (Message("user", (IMG, Part("text", f"Is there {with_article(shape)} in the image?"))),)
+        present = shape in scene.shapes
+        assert (pair.chosen, pair.rejected) == (("Yes.", "No.") if present else ("No.", "Yes."))
+        assert pair.meta["label"] == ("yes" if present else "no")
+        lone = [s for s in scene.shapes if s in cfg.partner and cfg.partner[s] not in scene.shapes]
+        if not present and lone:
+            assert shape in {cfg.partner[s] for s in lone}  # the missing partner is the one asked about
+    assert {p.meta["source"] for p in pairs} == {"present", "partner", "random"}

@@ -36,13 +36,14 @@ class DemoProfile:
     pretrain_steps: int
     sft_steps: int
     # The world's planted bias (``WorldConfig``): co-occurrence of the pairs in training scenes, how captions order
-    # a pair, how often a missing partner is asked about, how often a brought-along partner is small. Never asking
-    # about a missing partner in training (as annotators rarely ask "is there a table?" of a fork photo) is what
-    # makes the bias show in POPE (measured, seed 0: F1 gap random − adversarial 0.009 → 0.100; README).
+    # a pair, how often a missing partner is asked about, how often a brought-along partner is small. Asking about
+    # a missing partner a quarter as often as about any other absent object (as annotators rarely ask "is there a
+    # table?" of a fork photo) is what makes the bias show in POPE (measured, seed 0: F1 gap random − adversarial
+    # 0.009 at 1.0, 0.071 at 0.25 with random accuracy 0.892, 0.100 at 0 but random accuracy 0.816; README).
     pair_prob: float = 0.9
     caption_order: str = "reading"
     detailed_intro: str = "count"
-    partner_question_prob: float = 0.0
+    partner_question_prob: float = 0.25
     partner_small_prob: float = 0.0
     batch_size: int = 16
     lr: float = 1e-3
@@ -88,6 +89,11 @@ def _train(cls: type, module_train: Callable[..., Path], flags: dict[str, Any], 
 
 # Preference runs after SFT: DPO, mDPO, and DPO with the images removed from the pairs (the mDPO paper's
 # "unconditional preference" diagnostic: if it matches DPO with images, the image is being ignored).
+# Oracle pair kinds (``mmalign.world.pairs``): caption pairs with a planted partner or a swapped attribute, and
+# yes/no questions. Measured on the default SFT model (seed 0), caption pairs alone: CHAIR_i −41%, POPE adversarial
+# F1 0.827 → 0.825; with a third of the pairs yes/no questions: CHAIR_i −46%, adversarial F1 0.828, accuracy
+# 0.801 → 0.815.
+PAIR_KINDS = ("partner", "attribute", "existence")
 ALIGNMENT_RUNS = {
     "dpo": ["loss=dpo"],
     "mdpo": ["loss=mdpo"],
@@ -113,7 +119,7 @@ def _alignment_stage(
     from mmalign.world.pairs import write_world_pairs
 
     pairs = out / "world" / "pairs.jsonl"
-    _timed(timings, "world pairs", lambda: write_world_pairs(world, pairs, seed=seed))
+    _timed(timings, "world pairs", lambda: write_world_pairs(world, pairs, seed=seed, kinds=PAIR_KINDS))
     results: dict[str, Any] = {}
     # Same freezing as the world model's SFT: the decoder learns, the vision path stays as it is.
     freeze = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false"]

@@ -12,7 +12,8 @@ Rows (Amirloo et al., "Understanding Alignment in Multimodal LLMs", reproduced o
 * mDPO on BDHS pairs.
 
 Every preference run starts from the same SFT model, sees the same training prompts (the first ``prompts`` scenes of
-the oracle pairs) and has the same steps, batch, learning rate, β and RPO weight (those of the demo profile).
+the world's caption oracle pairs) and has the same steps, batch, learning rate, β and RPO weight (those of the demo
+profile).
 Columns: POPE F1 on the three splits, CHAIR_i, CHAIR_s, object recall (the helpfulness proxy: how many true objects
 the captions name) and mean caption length. The study reuses an earlier ``mmalign demo`` output directory (its world,
 SFT model and SFT evaluation) or runs the demo first.
@@ -141,12 +142,14 @@ def run_study(
     prompts, the BDHS and image-removed pairs written for them, the online runs' prompts. Finished rows are kept in
     ``out/study.json`` after each run and skipped when the study is started again (BDHS files continue too).
     """
+    from mmalign.data.preference import write_pairs
     from mmalign.demo import PROFILES, run_demo
     from mmalign.generation.bdhs import BdhsConfig
     from mmalign.generation.bdhs_run import run_bdhs
     from mmalign.generation.embed import SentenceEmbedder
     from mmalign.models.load import load_model
     from mmalign.recipes import dpo, online_dpo
+    from mmalign.world.pairs import world_pairs
 
     profile = PROFILES["quick" if quick else "default"]
     out.mkdir(parents=True, exist_ok=True)
@@ -155,8 +158,16 @@ def run_study(
         run_demo(demo_dir, quick=quick, seed=seed)
     demo = json.loads((demo_dir / "results.json").read_text())
     world, sft_model = demo_dir / "world", demo_dir / "runs" / "sft" / "model"
+    n_prompts = prompts or (80 if quick else 800)
     state_file = out / "study.json"
     results: dict[str, Any] = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if results and results.get("_setup") != {"prompts": n_prompts, "seed": seed, "sft_model": str(sft_model)}:
+        log.warning("%s was made with other settings; starting the study over", state_file)
+        results = {}
+        for name in ("bdhs", "no_image"):
+            for path in (world / f"study_{name}_pairs.jsonl", world / f"study_{name}_pairs.jsonl.stats.json"):
+                path.unlink(missing_ok=True)
+    results["_setup"] = {"prompts": n_prompts, "seed": seed, "sft_model": str(sft_model)}
     results["sft"] = {"pope": demo["pope"], "chair": demo["chair"]}
     timings: dict[str, float] = results.setdefault("_timings_s", {})
 
@@ -165,10 +176,9 @@ def run_study(
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(state_file)
 
-    n_prompts = prompts or (80 if quick else 800)
+    # Caption pairs only (the default kinds), so that every row learns from the same describe prompts.
     oracle_pairs = world / "study_oracle_pairs.jsonl"
-    lines = (world / "pairs.jsonl").read_text(encoding="utf-8").splitlines()[:n_prompts]
-    oracle_pairs.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    write_pairs(world_pairs(world, seed=seed)[:n_prompts], oracle_pairs)
     prompt_file = prompts_from_pairs(oracle_pairs, world / "study_prompts.jsonl", n_prompts)
     pair_files = {}
     loaded = None

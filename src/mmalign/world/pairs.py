@@ -8,6 +8,10 @@ with one error made on purpose:
   shape that appears without it (the hallucination the world's bias invites); a scene with no such lone
   pair member gets a random absent shape instead (``meta["source"]`` says which).
 - ``attribute``: one object's colour (or, for a quarter of the pairs, its shape) is swapped.
+- ``existence`` (not in the default kinds): a POPE-style question instead of the describe request. Half of them ask
+  about an absent shape (a lone member's missing partner when there is one, else a random absent shape): chosen
+  "No.", rejected "Yes."; the other half about a present shape: chosen "Yes.", rejected "No.", so that the pairs
+  do not simply teach the model to say no.
 
 The rejected caption is regenerated from the altered scene, so it reads as fluently as the true one and
 stays self-consistent (the object count in its first sentence includes the added object). Every choice
@@ -25,11 +29,13 @@ from mmalign.data.preference import write_pairs
 from mmalign.eval.coco_vocab import ChairVocab, extract_mentions
 from mmalign.types import ImageRef, Message, PreferencePair
 from mmalign.world.config import WorldConfig, load_world_config
+from mmalign.world.qa import existence_question
 from mmalign.world.scenes import Scene, SceneObject, load_scenes
 from mmalign.world.text import detailed_caption
 from mmalign.world.writer import CHAIR_VOCAB_JSON, EVAL_DESCRIBE_PROMPT
 
-KINDS: tuple[str, ...] = ("partner", "attribute")
+KINDS: tuple[str, ...] = ("partner", "attribute", "existence")
+DEFAULT_KINDS: tuple[str, ...] = ("partner", "attribute")
 SHAPE_SWAP_PROB = 0.25  # share of attribute pairs that swap the shape rather than the colour
 
 
@@ -38,7 +44,7 @@ def world_pairs(
     *,
     seed: int = 0,
     per_scene: int = 1,
-    kinds: tuple[str, ...] = KINDS,
+    kinds: tuple[str, ...] = DEFAULT_KINDS,
 ) -> list[PreferencePair]:
     """Oracle (chosen = truth, rejected = planted error) pairs over the training scenes of a written world.
 
@@ -71,6 +77,9 @@ def world_pairs(
         for j in range(per_scene):
             kind = kinds[(i * per_scene + j) % len(kinds)]
             rng = random.Random(f"{seed}/pairs/{scene.image_id}/{j}")
+            if kind == "existence":
+                pairs.append(_existence_pair(scene, cfg, rng, j, world_dir))
+                continue
             altered, info = (_add_object if kind == "partner" else _swap_attribute)(scene, cfg, rng)
             rejected = detailed_caption(altered, cfg)
             _check(scene, chosen, rejected, kind, info, vocab)
@@ -96,6 +105,36 @@ def write_world_pairs(world_dir: str | Path, out_path: str | Path, **kw: Any) ->
     elsewhere they are written absolute and ``load_pairs`` needs ``root=world_dir``.
     """
     return write_pairs(world_pairs(world_dir, **kw), out_path)
+
+
+def _existence_pair(scene: Scene, cfg: WorldConfig, rng: random.Random, j: int, world_dir: Path) -> PreferencePair:
+    """A yes/no question about an absent shape (answer "No.") or a present one ("Yes.")."""
+    present = scene.shapes
+    lone = [s for s in present if s in cfg.partner and cfg.partner[s] not in present]
+    absent = [s for s in cfg.shapes if s not in present]
+    if rng.random() < 0.5 and absent:
+        shape = cfg.partner[rng.choice(lone)] if lone else rng.choice(absent)
+        label, info = "no", {"source": "partner" if lone else "random"}
+    else:
+        shape, label, info = rng.choice(present), "yes", {"source": "present"}
+    chosen, rejected = ("No.", "Yes.") if label == "no" else ("Yes.", "No.")
+    return PreferencePair(
+        id=f"{scene.image_id}-existence-{j}",
+        prompt=(Message.user(existence_question(shape), images=1),),
+        chosen=chosen,
+        rejected=rejected,
+        images=(ImageRef(path=scene.image),),
+        root=str(world_dir),
+        objects=scene.shapes,
+        meta={
+            "method": "oracle",
+            "kind": "existence",
+            "object": shape,
+            "label": label,
+            **info,
+            "image_id": scene.image_id,
+        },
+    )
 
 
 def _add_object(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[Scene, dict[str, Any]]:

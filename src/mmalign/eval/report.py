@@ -171,9 +171,10 @@ def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
             [
                 "## Preference optimisation on world pairs (after SFT)",
                 "",
-                "Chosen = the ground-truth caption; rejected = the same caption with a planted partner inserted or an "
-                "attribute swapped (`mmalign world pairs`). `dpo_no_image` is DPO on the same pairs with the images "
-                "removed.",
+                "Oracle pairs from the training scenes (`mmalign world pairs`), in turn: a detailed caption against "
+                "the same caption with a planted partner inserted, or with an attribute swapped; and a yes/no "
+                "question about a missing partner or a present object against the wrong answer. `dpo_no_image` is "
+                "DPO on the same pairs with the images removed.",
                 "",
                 *alignment_rows(results),
                 "",

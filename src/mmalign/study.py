@@ -149,6 +149,7 @@ def run_study(
     from mmalign.generation.embed import SentenceEmbedder
     from mmalign.models.load import load_model
     from mmalign.recipes import dpo, online_dpo
+    from mmalign.runtime.checkpoint import atomic_write_text
     from mmalign.world.pairs import world_pairs
 
     profile = PROFILES["quick" if quick else "default"]
@@ -160,25 +161,24 @@ def run_study(
     world, sft_model = demo_dir / "world", demo_dir / "runs" / "sft" / "model"
     n_prompts = prompts or (80 if quick else 800)
     state_file = out / "study.json"
+    setup = {"prompts": n_prompts, "seed": seed, "sft_model": str(sft_model)}
     results: dict[str, Any] = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if results and results.get("_setup") != {"prompts": n_prompts, "seed": seed, "sft_model": str(sft_model)}:
+    if results and results.get("_setup") != setup:
         log.warning("%s was made with other settings; starting the study over", state_file)
         results = {}
         for name in ("bdhs", "no_image"):
             for path in (world / f"study_{name}_pairs.jsonl", world / f"study_{name}_pairs.jsonl.stats.json"):
                 path.unlink(missing_ok=True)
-    results["_setup"] = {"prompts": n_prompts, "seed": seed, "sft_model": str(sft_model)}
+    results["_setup"] = setup
     results["sft"] = {"pope": demo["pope"], "chair": demo["chair"]}
     timings: dict[str, float] = results.setdefault("_timings_s", {})
 
     def save() -> None:
-        tmp = state_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(state_file)
+        atomic_write_text(state_file, json.dumps(results, indent=2) + "\n")
 
     # Caption pairs only (the default kinds), so that every row learns from the same describe prompts.
     oracle_pairs = world / "study_oracle_pairs.jsonl"
-    write_pairs(world_pairs(world, seed=seed)[:n_prompts], oracle_pairs)
+    write_pairs(world_pairs(world, seed=seed, max_scenes=n_prompts), oracle_pairs)
     prompt_file = prompts_from_pairs(oracle_pairs, world / "study_prompts.jsonl", n_prompts)
     pair_files = {}
     loaded = None

@@ -30,7 +30,7 @@ from mmalign.eval.coco_vocab import ChairVocab, extract_mentions
 from mmalign.types import ImageRef, Message, PreferencePair
 from mmalign.world.config import WorldConfig, load_world_config
 from mmalign.world.qa import existence_question
-from mmalign.world.scenes import Scene, SceneObject, load_scenes
+from mmalign.world.scenes import Scene, SceneObject, load_scenes, lone_members
 from mmalign.world.text import detailed_caption
 from mmalign.world.writer import CHAIR_VOCAB_JSON, EVAL_DESCRIBE_PROMPT
 
@@ -45,6 +45,7 @@ def world_pairs(
     seed: int = 0,
     per_scene: int = 1,
     kinds: tuple[str, ...] = DEFAULT_KINDS,
+    max_scenes: int | None = None,
 ) -> list[PreferencePair]:
     """Oracle (chosen = truth, rejected = planted error) pairs over the training scenes of a written world.
 
@@ -54,6 +55,7 @@ def world_pairs(
         per_scene: pairs per scene; pair ``j`` of the ``i``-th scene has kind ``kinds[(i * per_scene + j) %
             len(kinds)]``, so kinds alternate evenly.
         kinds: error kinds to use, from ``KINDS``.
+        max_scenes: only the first ``max_scenes`` training scenes (default: all).
 
     Returns:
         The pairs, scene by scene; ``images`` hold the scene's image path relative to ``root`` (the world).
@@ -72,7 +74,7 @@ def world_pairs(
     cfg = load_world_config(world_dir)
     vocab = ChairVocab.from_file(world_dir / CHAIR_VOCAB_JSON)
     pairs = []
-    for i, scene in enumerate(load_scenes(world_dir, "train")):
+    for i, scene in enumerate(load_scenes(world_dir, "train")[:max_scenes]):
         chosen = detailed_caption(scene, cfg)
         for j in range(per_scene):
             kind = kinds[(i * per_scene + j) % len(kinds)]
@@ -109,8 +111,7 @@ def write_world_pairs(world_dir: str | Path, out_path: str | Path, **kw: Any) ->
 
 def _existence_pair(scene: Scene, cfg: WorldConfig, rng: random.Random, j: int, world_dir: Path) -> PreferencePair:
     """A yes/no question about an absent shape (answer "No.") or a present one ("Yes.")."""
-    present = scene.shapes
-    lone = [s for s in present if s in cfg.partner and cfg.partner[s] not in present]
+    present, lone = scene.shapes, lone_members(scene, cfg)
     absent = [s for s in cfg.shapes if s not in present]
     if rng.random() < 0.5 and absent:
         shape = cfg.partner[rng.choice(lone)] if lone else rng.choice(absent)
@@ -139,8 +140,7 @@ def _existence_pair(scene: Scene, cfg: WorldConfig, rng: random.Random, j: int, 
 
 def _add_object(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[Scene, dict[str, Any]]:
     """The scene plus one absent shape in a free cell: a lone member's partner when there is one."""
-    present = scene.shapes
-    lone = [s for s in present if s in cfg.partner and cfg.partner[s] not in present]
+    present, lone = scene.shapes, lone_members(scene, cfg)
     if lone:
         member = rng.choice(lone)
         shape, info = cfg.partner[member], {"source": "partner", "partner_of": member}

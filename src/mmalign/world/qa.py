@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmalign.world.config import WorldConfig
-from mmalign.world.scenes import Scene
+from mmalign.world.scenes import Scene, lone_members
 from mmalign.world.text import (
     detailed_caption,
     number,
@@ -71,7 +71,7 @@ def existence(scene: Scene, cfg: WorldConfig, rng: random.Random) -> list[Exchan
     present = list(scene.shapes)
     absent = [s for s in cfg.shapes if s not in present]
     if cfg.partner_question_prob < 1:
-        missing = {cfg.partner[s] for s in present if s in cfg.partner} - set(present)
+        missing = {cfg.partner[s] for s in lone_members(scene, cfg)}
         absent = [s for s in absent if s not in missing or rng.random() < cfg.partner_question_prob]
     k = min(MAX_EXISTENCE_PAIRS, len(present), len(absent))
     out = [

@@ -99,6 +99,12 @@ def sample_scenes(cfg: WorldConfig, split: Split) -> list[Scene]:
     return scenes
 
 
+def lone_members(scene: Scene, cfg: WorldConfig) -> list[str]:
+    """The scene's planted-pair members whose partner is absent, in the order of ``scene.shapes``."""
+    present = scene.shapes
+    return [s for s in present if s in cfg.partner and cfg.partner[s] not in present]
+
+
 def load_scenes(directory: str | Path, split: Split | None = None) -> list[Scene]:
     """Read ``scenes.jsonl`` of a written world, optionally keeping one split."""
     scenes = []

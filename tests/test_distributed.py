@@ -69,3 +69,34 @@ def test_two_processes_match_one(llava_dir: Path, world_dir: Path, tmp_path: Pat
     for a, b in zip(rows_one, rows_two):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-4)
+
+
+def test_launcher_runs_sft_in_two_processes_like_one(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    from mmalign.runtime.launch import run_recipe
+
+    flags = {
+        "model": str(llava_dir), "data": str(world_dir / "sft.jsonl"), "steps": 3, "lr": 2e-3, "batch_size": 4,
+        "max_samples": 24, "progress": False, "log_every": 1,
+    }  # fmt: skip
+    grouped = ["group_by_length=true", "loss_per=sample"]
+    one = run_recipe("sft", {**flags, "out": str(tmp_path / "one")}, grouped, processes=1)
+    two = run_recipe("sft", {**flags, "out": str(tmp_path / "two")}, grouped, processes=2)
+    assert two == tmp_path / "two" / "model"
+    w1 = load_file(str(one / "model.safetensors"))
+    w2 = load_file(str(two / "model.safetensors"))
+    start = load_file(str(llava_dir / "model.safetensors"))
+    assert max((w1[k] - start[k]).abs().max().item() for k in w1) > 1e-3
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-5, msg=k)
+    # Each process took half of the global batch of 4.
+    assert "batch_size: 2" in (tmp_path / "two" / "config.yaml").read_text()
+
+
+def test_launcher_reports_a_failed_run(llava_dir: Path, tmp_path: Path) -> None:
+    from mmalign.runtime.launch import LaunchError, run_recipe
+
+    flags = {"model": str(llava_dir), "data": str(tmp_path / "missing.jsonl"), "out": str(tmp_path / "x")}
+    with pytest.raises(LaunchError, match="sft with 2 processes failed"):
+        run_recipe("sft", {**flags, "batch_size": 4, "steps": 1}, processes=2)
+    with pytest.raises(ValueError, match="does not split"):
+        run_recipe("sft", {**flags, "batch_size": 3, "steps": 1}, processes=2)

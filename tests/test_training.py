@@ -12,7 +12,7 @@ from mmalign.config import load_config
 from mmalign.errors import DataError
 from mmalign.recipes import sft
 from mmalign.recipes.sft import SftConfig
-from mmalign.runtime.batching import batch_indices
+from mmalign.runtime.batching import Batches, batch_indices, length_grouped_indices
 
 
 def _cfg(model: Path, data: Path, out: Path, *extra: str) -> SftConfig:
@@ -84,6 +84,49 @@ def test_batch_order_is_a_pure_function_of_the_step() -> None:
     assert two_procs == batch_indices(20, 4, 1, seed=3)
 
 
+def test_length_grouped_batches_pad_less_and_stay_a_pure_function_of_the_step() -> None:
+    # Two kinds of example, as in the world's SFT data: short yes/no answers and long captions, interleaved.
+    lengths = [10 if i % 2 else 100 for i in range(64)]
+    batches = [length_grouped_indices(lengths, 4, m, seed=1, group=8) for m in range(16)]
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(64))  # one epoch: every example once
+    # Sorted chunks of 32: every batch holds one kind only, so nothing is padded.
+    assert all(len({lengths[i] for i in b}) == 1 for b in batches)
+    plain = [batch_indices(64, 4, m, seed=1) for m in range(16)]
+    assert sum(len({lengths[i] for i in b}) > 1 for b in plain) > 8  # the plain order mixes them
+    # Stateless (resume rebuilds the same batch), seeded, and two processes split one global batch.
+    assert length_grouped_indices(lengths, 4, 21, seed=1, group=8) == length_grouped_indices(
+        lengths, 4, 21, seed=1, group=8
+    )
+    assert [length_grouped_indices(lengths, 4, m, seed=2, group=8) for m in range(16)] != batches
+    two = [length_grouped_indices(lengths, 2, 3, seed=1, rank=r, world=2, group=8) for r in (0, 1)]
+    assert two[0] + two[1] == batches[3]
+    # The 3 examples that do not fill a last batch sit the epoch out; the next epoch is a new order.
+    odd = list(range(67))
+    seen = {i for m in range(16) for i in length_grouped_indices(odd, 4, m, seed=0, group=2)}
+    assert len(seen) == 64
+    assert length_grouped_indices(odd, 4, 16, seed=0, group=2) != length_grouped_indices(odd, 4, 0, seed=0, group=2)
+    with pytest.raises(ValueError, match="full batch"):
+        length_grouped_indices([1, 2], 4, 0, seed=0)
+
+
+def test_batches_follow_the_config(world_dir: Path) -> None:
+    from mmalign.config import TrainConfig
+    from mmalign.data.loaders import load_samples
+
+    samples = load_samples(world_dir / "sft.jsonl", limit=96).samples
+    plain = Batches.for_run(samples, TrainConfig(batch_size=8))
+    grouped = Batches.for_run(samples, TrainConfig(batch_size=8, group_by_length=True))
+    assert plain(2) == batch_indices(96, 8, 2, seed=0)
+
+    def spread(b: Batches) -> float:
+        return sum(
+            max(samples[i].text_length for i in b(m)) - min(samples[i].text_length for i in b(m)) for m in range(12)
+        )
+
+    assert spread(grouped) < 0.5 * spread(plain)
+
+
 def test_bad_data_is_reported_or_skipped(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
     rows = (world_dir / "sft.jsonl").read_text().splitlines()[:6]
     rows[2] = rows[2].replace('"images": ["images/', '"images": ["missing/')
@@ -93,3 +136,32 @@ def test_bad_data_is_reported_or_skipped(llava_dir: Path, world_dir: Path, tmp_p
         sft.train(_cfg(llava_dir, bad, tmp_path / "fail", "steps=1"))
     final = sft.train(_cfg(llava_dir, bad, tmp_path / "skip", "steps=1", "on_bad_record=skip"))
     assert (final / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_decoder_trains_like_eager(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    data = world_dir / "sft.jsonl"
+    sft.train(_cfg(llava_dir, data, tmp_path / "eager", "steps=3", "max_grad_norm=0"))
+    sft.train(_cfg(llava_dir, data, tmp_path / "compiled", "steps=3", "max_grad_norm=0", "compile=true"))
+    eager, compiled = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    start = load_file(str(llava_dir / "model.safetensors"))
+    assert max((eager[k] - start[k]).abs().max().item() for k in eager) > 1e-3
+    assert set(compiled) == set(eager)  # parameter names unchanged by the in-place compile
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_compile_is_skipped_with_a_warning_without_a_cpp_compiler(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    from mmalign.runtime import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with caplog.at_level("WARNING"):
+        assert run.can_compile() is False
+    assert "no C++ compiler" in caplog.text
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    assert run.can_compile() is True

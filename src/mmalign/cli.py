@@ -11,11 +11,12 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from mmalign.errors import ConfigError, DataError, ModelError
+from mmalign.runtime.launch import LaunchError
 
 log = logging.getLogger("mmalign")
 
@@ -157,16 +158,9 @@ def _add_train(sub: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmalign.config import load_config
-    from mmalign.recipes import contrastive, dpo, online_dpo, pretrain, sft
+    from mmalign.runtime.launch import recipe
 
-    recipes: dict[str, tuple[type, Callable[..., Path]]] = {
-        "dpo": (dpo.DpoConfig, dpo.train),
-        "online-dpo": (online_dpo.OnlineDpoConfig, online_dpo.train),
-        "contrastive": (contrastive.ContrastiveConfig, contrastive.train),
-        "pretrain": (pretrain.PretrainConfig, pretrain.train),
-        "sft": (sft.SftConfig, sft.train),
-    }
-    cls, run = recipes[args.recipe]
+    cls, run = recipe(args.recipe)
     flags = {
         "model": args.model,
         "data": args.data,
@@ -371,6 +365,11 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="the 2-minute profile")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--processes",
+        type=int,
+        help="data-parallel training processes (default: 2 on a CPU with 2+ cores, 1 with --quick or on a GPU)",
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -396,7 +395,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmalign.demo import run_demo
 
-    report = run_demo(Path(args.out), quick=args.quick, seed=args.seed)
+    report = run_demo(Path(args.out), quick=args.quick, seed=args.seed, processes=args.processes)
     print(f"report: {report}")
     return 0
 
@@ -425,6 +424,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mmalign.config import load_config
+from mmalign.runtime.launch import default_processes, run_recipe
 from mmalign.world.config import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,15 @@ class DemoProfile:
     partner_question_prob: float = 0.25
     partner_small_prob: float = 0.0
     batch_size: int = 16
+    # Batches of similar length (``TrainConfig.group_by_length``) for pretraining and SFT.
+    group_by_length: bool = False
+    # ``torch.compile`` the decoder for pretraining and SFT (``TrainConfig.compile``): about 10% off the default
+    # profile's time on 2 CPU cores (README), off so that the measured numbers do not depend on a C++ compiler.
+    compile: bool = False
     lr: float = 1e-3
     chair_max_new_tokens: int = 80
     dpo_steps: int = 200
+    dpo_batch_size: int = 8
     dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
     # NLL on the chosen reply beside the preference loss (RPO): without it the rejected captions' extra sentence
@@ -83,10 +89,6 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
     return result
 
 
-def _train(cls: type, module_train: Callable[..., Path], flags: dict[str, Any], overrides: list[str]) -> Path:
-    return module_train(load_config(cls, flags=flags, overrides=overrides))
-
-
 # Preference runs after SFT: DPO, mDPO, and DPO with the images removed from the pairs (the mDPO paper's
 # "unconditional preference" diagnostic: if it matches DPO with images, the image is being ignored).
 # Oracle pair kinds (``mmalign.world.pairs``): caption pairs with a planted partner or a swapped attribute, and
@@ -112,40 +114,92 @@ def _evaluate(model_dir: Path, world: Path, max_new_tokens: int) -> dict[str, An
     return {"pope": pope, "chair": chair}
 
 
+def _align_and_evaluate(
+    name: str, flags: dict[str, Any], overrides: list[str], world: Path, max_new_tokens: int
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One preference run and its evaluation, in one process (picklable: the demo runs several side by side)."""
+    timings: dict[str, float] = {}
+    model_dir = _timed(timings, name, lambda: run_recipe("dpo", flags, overrides))
+    result = _timed(timings, f"eval {name}", lambda: _evaluate(model_dir, world, max_new_tokens))
+    return result, timings
+
+
+def _single_thread_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
 def _alignment_stage(
-    out: Path, world: Path, sft_model: Path, profile: DemoProfile, seed: int, timings: dict[str, float]
+    out: Path,
+    world: Path,
+    sft_model: Path,
+    profile: DemoProfile,
+    seed: int,
+    timings: dict[str, float],
+    processes: int,
 ) -> dict[str, Any]:
-    from mmalign.recipes import dpo
+    """DPO, mDPO and DPO without images from the SFT model, each evaluated.
+
+    The runs are independent and short, so with several processes they run side by side, one thread each (a run
+    this small gains nothing from data parallelism: its fixed costs dominate); results do not depend on that.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     from mmalign.world.pairs import write_world_pairs
 
     pairs = out / "world" / "pairs.jsonl"
     _timed(timings, "world pairs", lambda: write_world_pairs(world, pairs, seed=seed, kinds=PAIR_KINDS))
-    results: dict[str, Any] = {}
     # Same freezing as the world model's SFT: the decoder learns, the vision path stays as it is.
-    freeze = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false"]
+    freeze = [
+        "freeze.vision=true", "freeze.projector=true", "freeze.llm=false",
+        f"group_by_length={str(profile.group_by_length).lower()}",
+    ]  # fmt: skip
+    jobs = {}
     for name, overrides in ALIGNMENT_RUNS.items():
         flags = {
             "model": str(sft_model),
             "data": str(pairs),
             "out": str(out / "runs" / name),
             "steps": profile.dpo_steps,
+            "batch_size": profile.dpo_batch_size,
             "lr": profile.dpo_lr,
             "beta": profile.dpo_beta,
             "rpo_alpha": profile.dpo_rpo_alpha,
             "seed": seed,
             "log_every": 10,
+            "progress": processes <= 1,
         }
-        model_dir = _timed(
-            timings, name, lambda f=flags, o=[*freeze, *overrides]: _train(dpo.DpoConfig, dpo.train, f, o)
-        )
-        results[name] = _timed(
-            timings, f"eval {name}", lambda d=model_dir: _evaluate(d, world, profile.chair_max_new_tokens)
-        )
+        jobs[name] = (name, flags, [*freeze, *overrides], world, profile.chair_max_new_tokens)
+    results: dict[str, Any] = {}
+    if processes <= 1:
+        for name, job in jobs.items():
+            results[name], run_timings = _align_and_evaluate(*job)
+            timings.update(run_timings)
+        return results
+    t0 = time.perf_counter()
+    log.info("alignment runs %s: %d side by side, one thread each", ", ".join(jobs), processes)
+    pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=_single_thread_worker)
+    with pool:
+        futures = {name: pool.submit(_align_and_evaluate, *job) for name, job in jobs.items()}
+        for name, future in futures.items():
+            results[name], run_timings = future.result()
+            timings.update(run_timings)
+    timings["alignment (wall)"] = time.perf_counter() - t0
     return results
 
 
-def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
-    """Run the whole pipeline into ``out``; returns the path of ``report.md``."""
+def run_demo(out: Path, *, quick: bool = False, seed: int = 0, processes: int | None = None) -> Path:
+    """Run the whole pipeline into ``out``; returns the path of ``report.md``.
+
+    Args:
+        processes: CPU processes for the preference runs, which run side by side (default: two on a CPU with
+            two or more cores, one for ``quick``, whose runs are too short to repay starting them). Pretraining and
+            SFT run in this process: on 2 CPU cores neither a second thread nor a second data-parallel process
+            makes the compiled world model's step faster (measured; README).
+    """
     from mmalign.eval.chair import evaluate_chair
     from mmalign.eval.pope import evaluate_pope, load_pope_sets
     from mmalign.eval.report import write_report
@@ -153,10 +207,11 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
     from mmalign.models.families import TinySize
     from mmalign.models.load import load_model
     from mmalign.models.vocab import corpus_images, corpus_texts
-    from mmalign.recipes import pretrain, sft
     from mmalign.world import write_world
 
     profile = PROFILES["quick" if quick else "default"]
+    if processes is None:
+        processes = 1 if quick else default_processes()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -172,13 +227,15 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
     init_dir = _timed(timings, "model init", init)
     common = {"seed": seed, "batch_size": profile.batch_size, "lr": profile.lr}
     # The decoder is random-init, so it is what the caption stage trains; the vision path stays frozen.
-    frozen_vision = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false", "loss_per=sample"]
+    frozen_vision = [
+        "freeze.vision=true", "freeze.projector=true", "freeze.llm=false", "loss_per=sample",
+        f"group_by_length={str(profile.group_by_length).lower()}", f"compile={str(profile.compile).lower()}",
+    ]  # fmt: skip
     stage1 = _timed(
         timings,
         "pretrain",
-        lambda: _train(
-            pretrain.PretrainConfig,
-            pretrain.train,
+        lambda: run_recipe(
+            "pretrain",
             {
                 **common,
                 "model": str(init_dir),
@@ -193,9 +250,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
     stage2 = _timed(
         timings,
         "sft",
-        lambda: _train(
-            sft.SftConfig,
-            sft.train,
+        lambda: run_recipe(
+            "sft",
             {
                 **common,
                 "model": str(stage1),
@@ -231,11 +287,12 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
             captions_out=out / "eval" / "chair_captions.jsonl",
         ),
     )
-    alignment = _alignment_stage(out, world, stage2, profile, seed, timings)
+    alignment = _alignment_stage(out, world, stage2, profile, seed, timings, processes)
     timings["total"] = time.perf_counter() - t_start
 
     results = {
         "profile": asdict(profile),
+        "processes": processes,
         "pope": pope,
         "pope_logits": pope_fast,
         "chair": chair,

@@ -122,6 +122,11 @@ class Sample:
         return self.messages
 
     @property
+    def text_length(self) -> int:
+        """Characters of text over all turns: a length proxy for batching by length."""
+        return sum(len(m.text) for m in self.messages)
+
+    @property
     def target(self) -> str:
         """Text of the final assistant turn ('' if the sample ends with a user turn)."""
         if self.messages and self.messages[-1].role == "assistant":
@@ -176,6 +181,11 @@ class PreferencePair:
     corrupted_image: ImageRef | None = None
     objects: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def text_length(self) -> int:
+        """Characters of the prompt and of the longer reply: a length proxy for batching by length."""
+        return sum(len(m.text) for m in self.prompt) + max(len(self.chosen), len(self.rejected))
 
     def as_samples(self) -> tuple[Sample, Sample]:
         """The (chosen, rejected) conversations as ``Sample`` records sharing the prompt and images."""

@@ -44,7 +44,7 @@ def assistant_spans(processor: Any, messages: Sequence[Message]) -> tuple[str, l
         if msg.role != "assistant":
             continue
         before = render(processor, messages[:j], generation_prompt=True)
-        upto = render(processor, messages[: j + 1])
+        upto = full if j == len(messages) - 1 else render(processor, messages[: j + 1])
         if not full.startswith(before) or not full.startswith(upto):
             raise ValueError("chat template is not prefix-stable; cannot locate assistant turns")
         spans.append((len(before), len(upto)))

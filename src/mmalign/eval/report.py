@@ -190,6 +190,9 @@ def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
         "",
         "## Time per stage (seconds)",
         "",
+        f"Processes for the preference runs: {results.get('processes', 1)} (with more than one they run side by "
+        "side, so their own times overlap; `alignment (wall)` is the stage's wall time).",
+        "",
         "| stage | seconds |",
         "|---|---|",
         *[f"| {k} | {v:.1f} |" for k, v in results["timings_s"].items()],

@@ -27,7 +27,7 @@ from mmalign.data.preference import load_pairs
 from mmalign.forward import EncodedPairs, ForwardOptions, PairScorer, encode_pairs
 from mmalign.losses import LOSSES, LossConfig, PairLogps, compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
-from mmalign.runtime.batching import batch_indices
+from mmalign.runtime.batching import Batches
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
 from mmalign.runtime.refcache import cache_key, cached_reference_logps, default_cache_dir
@@ -93,17 +93,22 @@ def _without_images(pair: PreferencePair) -> PreferencePair:
     return replace(pair, prompt=prompt, images=())
 
 
-def _visited(n: int, cfg: DpoConfig, num_processes: int) -> list[int]:
+def _visited(batches: Batches, cfg: DpoConfig) -> list[int]:
     """Every pair index the run will draw (batches are a pure function of the step), over all processes."""
     seen: set[int] = set()
     for m in range(cfg.steps * cfg.grad_accum):
-        for rank in range(num_processes):
-            seen.update(batch_indices(n, cfg.batch_size, m, cfg.seed, rank, num_processes))
+        for rank in range(batches.world):
+            seen.update(batches(m, rank))
     return sorted(seen)
 
 
 def _reference_cache(
-    accelerator: Any, cfg: DpoConfig, pairs: list[PreferencePair], loaded: Any, options: ForwardOptions
+    accelerator: Any,
+    cfg: DpoConfig,
+    pairs: list[PreferencePair],
+    batches: Batches,
+    loaded: Any,
+    options: ForwardOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs of the pairs the run visits, from the on-disk cache (the main process fills it).
 
@@ -124,7 +129,7 @@ def _reference_cache(
             chosen, rejected, *_ = scorer(enc.to(accelerator.device))
         return chosen, rejected
 
-    needed = _visited(len(pairs), cfg, accelerator.num_processes)
+    needed = _visited(batches, cfg)
     if accelerator.is_main_process:
         cached_reference_logps(path, pairs, needed, score, batch_size=cfg.batch_size, progress=cfg.progress)
     accelerator.wait_for_everyone()
@@ -185,7 +190,8 @@ def train(cfg: DpoConfig) -> Path:
     pairs = [_without_images(p) for p in data.pairs] if cfg.drop_images else data.pairs
     options = ForwardOptions(share_prompt=cfg.share_prompt, response_logits_only=cfg.response_logits_only)
     loaded = load_model(cfg.model)
-    ref_cached = _reference_cache(accelerator, cfg, pairs, loaded, options) if cfg.ref_cache else None
+    batches = Batches.for_run(pairs, cfg, accelerator.process_index, accelerator.num_processes)
+    ref_cached = _reference_cache(accelerator, cfg, pairs, batches, loaded, options) if cfg.ref_cache else None
     # Only mDPO's corrupted-image term (its crop changes every step) still needs a live reference beside the cache.
     reference = None
     if not cfg.ref_cache or cfg.loss == "mdpo":
@@ -212,9 +218,7 @@ def train(cfg: DpoConfig) -> Path:
         logged: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             m = step * cfg.grad_accum + micro
-            idx = batch_indices(
-                len(pairs), cfg.batch_size, m, cfg.seed, accelerator.process_index, accelerator.num_processes
-            )
+            idx = batches(m)
             batch = [pairs[i] for i in idx]
             # One generator per (seed, micro-step, pair): crops are reproducible, resume exactly, do not depend on
             # how the batch is split over processes, and the policy and the reference score the same crop.

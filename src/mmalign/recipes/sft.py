@@ -20,7 +20,7 @@ from mmalign.data.collate import IGNORE_INDEX, encode_sft
 from mmalign.data.loaders import load_samples
 from mmalign.logprobs import sequence_logps
 from mmalign.models.load import count_parameters, load_model
-from mmalign.runtime.batching import batch_indices
+from mmalign.runtime.batching import Batches
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
 from mmalign.runtime.run import finish_run, make_accelerator, maybe_checkpoint, resume_and_log, trainable_model
@@ -79,6 +79,7 @@ def train(cfg: TrainConfig) -> Path:
         log.info("%s", data.summary())
         log.info("trainable parameters: %d / %d", trainable, total)
     samples = data.samples
+    batches = Batches.for_run(samples, cfg, accelerator.process_index, accelerator.num_processes)
 
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -98,14 +99,7 @@ def train(cfg: TrainConfig) -> Path:
         set_lr(optimizer, lr)
         micro_batches = []
         for micro in range(cfg.grad_accum):
-            idx = batch_indices(
-                len(samples),
-                cfg.batch_size,
-                step * cfg.grad_accum + micro,
-                cfg.seed,
-                accelerator.process_index,
-                accelerator.num_processes,
-            )
+            idx = batches(step * cfg.grad_accum + micro)
             micro_batches.append(encode_sft(loaded.processor, [samples[i] for i in idx], cfg.max_length))
         # Normalise by the labelled tokens of the whole (accumulated, all-process) batch, so that gradient
         # accumulation 4x1 equals 1x4 exactly.

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from mmalign.cli import main
 
 
@@ -22,3 +25,29 @@ def test_quick_demo_writes_a_complete_report(tmp_path: Path) -> None:
     # The SFT run learned something: its loss fell well below the start.
     rows = [json.loads(ln) for ln in (out / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+
+
+def test_preference_runs_side_by_side_match_one_after_another(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    import shutil
+    from dataclasses import replace
+
+    from mmalign.demo import ALIGNMENT_RUNS, PROFILES, _alignment_stage
+
+    world = tmp_path / "world"
+    shutil.copytree(world_dir, world)
+    profile = replace(PROFILES["quick"], dpo_steps=2, chair_max_new_tokens=24)
+    one: dict[str, float] = {}
+    two: dict[str, float] = {}
+    seq = _alignment_stage(tmp_path / "one", world, llava_dir, profile, 0, one, processes=1)
+    par = _alignment_stage(tmp_path / "two", world, llava_dir, profile, 0, two, processes=2)
+    assert set(seq) == set(par) == set(ALIGNMENT_RUNS)
+    assert "alignment (wall)" in two and "alignment (wall)" not in one
+    for name in ALIGNMENT_RUNS:
+        assert (tmp_path / "two" / "runs" / name / "model" / "config.json").is_file()
+        assert par[name]["chair"]["chair_i"] == seq[name]["chair"]["chair_i"]
+        for split, metrics in seq[name]["pope"].items():
+            assert par[name]["pope"][split]["accuracy"] == metrics["accuracy"]
+        a = load_file(str(tmp_path / "one" / "runs" / name / "model" / "model.safetensors"))
+        b = load_file(str(tmp_path / "two" / "runs" / name / "model" / "model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], msg=k)

@@ -42,7 +42,8 @@ def test_prompts_from_pairs_keep_prompt_chosen_and_objects(world_dir: Path) -> N
 def test_quick_study_runs(tmp_path: Path) -> None:
     from mmalign.study import run_study
 
-    report = run_study(tmp_path / "study", quick=True)
+    # Rows side by side in two processes (the default profile's setting), resumed below with one.
+    report = run_study(tmp_path / "study", quick=True, processes=2)
     text = report.read_text()
     assert "DPO, BDHS pairs" in text and "mixed DPO" in text
     data = json.loads((tmp_path / "study" / "study.json").read_text())

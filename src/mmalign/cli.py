@@ -380,6 +380,7 @@ def _add_study(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="the quick profile (smoke test)")
     p.add_argument("--prompts", type=int, help="training scenes every run sees (default 800; quick 80)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--processes", type=int, help="rows run side by side (default: 2 on 2+ CPU cores, 1 with --quick)")
     p.set_defaults(func=cmd_study)
 
 
@@ -387,7 +388,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     from mmalign.study import run_study
 
     demo = Path(args.demo) if args.demo else None
-    report = run_study(Path(args.out), demo_dir=demo, quick=args.quick, seed=args.seed, prompts=args.prompts)
+    report = run_study(
+        Path(args.out),
+        demo_dir=demo,
+        quick=args.quick,
+        seed=args.seed,
+        prompts=args.prompts,
+        processes=args.processes,
+    )
     print(f"report: {report}")
     return 0
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mmalign.runtime.launch import default_processes, run_recipe
+from mmalign.runtime.launch import default_processes, run_recipe, single_thread_worker
 from mmalign.world.config import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -124,13 +124,6 @@ def _align_and_evaluate(
     return result, timings
 
 
-def _single_thread_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-
 def _alignment_stage(
     out: Path,
     world: Path,
@@ -150,7 +143,7 @@ def _alignment_stage(
 
     from mmalign.world.pairs import write_world_pairs
 
-    pairs = out / "world" / "pairs.jsonl"
+    pairs = world / "pairs.jsonl"
     _timed(timings, "world pairs", lambda: write_world_pairs(world, pairs, seed=seed, kinds=PAIR_KINDS))
     # Same freezing as the world model's SFT: the decoder learns, the vision path stays as it is.
     freeze = [
@@ -181,7 +174,7 @@ def _alignment_stage(
         return results
     t0 = time.perf_counter()
     log.info("alignment runs %s: %d side by side, one thread each", ", ".join(jobs), processes)
-    pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=_single_thread_worker)
+    pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=single_thread_worker)
     with pool:
         futures = {name: pool.submit(_align_and_evaluate, *job) for name, job in jobs.items()}
         for name, future in futures.items():

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmalign.config import load_config
+from mmalign.runtime.launch import default_processes, run_recipe, single_thread_worker
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,16 @@ def evaluate(model_dir: Path, world: Path, max_new_tokens: int) -> dict[str, Any
     pope = evaluate_pope(loaded.model, loaded.processor, load_pope_sets(world), method="generate", progress=False)
     chair = evaluate_chair(loaded.model, loaded.processor, world, max_new_tokens=max_new_tokens, progress=False)
     return {"pope": pope, "chair": chair}
+
+
+def run_row(
+    recipe: str, flags: dict[str, Any], overrides: list[str], world: Path, max_new_tokens: int
+) -> tuple[dict[str, Any], float]:
+    """Train one row in this process and evaluate it; returns (results, training seconds)."""
+    t0 = time.perf_counter()
+    model_dir = run_recipe(recipe, flags, overrides)
+    seconds = time.perf_counter() - t0
+    return evaluate(model_dir, world, max_new_tokens), seconds
 
 
 def prompts_from_pairs(pairs_file: Path, out: Path, limit: int) -> Path:
@@ -134,29 +144,41 @@ def _plot(out: Path, results: dict[str, dict[str, Any]]) -> Path:
 
 
 def run_study(
-    out: Path, *, demo_dir: Path | None = None, quick: bool = False, seed: int = 0, prompts: int | None = None
+    out: Path,
+    *,
+    demo_dir: Path | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    prompts: int | None = None,
+    processes: int | None = None,
 ) -> Path:
     """Run the grid into ``out``; returns ``out/study.md``.
 
     Every preference run sees the same ``prompts`` training scenes (default: 800, quick: 80): the oracle pairs'
     prompts, the BDHS and image-removed pairs written for them, the online runs' prompts. Finished rows are kept in
     ``out/study.json`` after each run and skipped when the study is started again (BDHS files continue too).
+    ``processes`` rows run side by side (default: as ``mmalign demo``: two on a CPU with two or more cores, one for
+    ``quick``).
     """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
     from mmalign.data.preference import write_pairs
     from mmalign.demo import PROFILES, run_demo
     from mmalign.generation.bdhs import BdhsConfig
     from mmalign.generation.bdhs_run import run_bdhs
     from mmalign.generation.embed import SentenceEmbedder
     from mmalign.models.load import load_model
-    from mmalign.recipes import dpo, online_dpo
     from mmalign.runtime.checkpoint import atomic_write_text
     from mmalign.world.pairs import world_pairs
 
     profile = PROFILES["quick" if quick else "default"]
+    if processes is None:
+        processes = 1 if quick else default_processes()
     out.mkdir(parents=True, exist_ok=True)
     demo_dir = demo_dir or out / "demo"
     if not (demo_dir / "results.json").exists():
-        run_demo(demo_dir, quick=quick, seed=seed)
+        run_demo(demo_dir, quick=quick, seed=seed, processes=processes)
     demo = json.loads((demo_dir / "results.json").read_text())
     world, sft_model = demo_dir / "world", demo_dir / "runs" / "sft" / "model"
     n_prompts = prompts or (80 if quick else 800)
@@ -204,28 +226,38 @@ def run_study(
         "log_every": 10,
     }
     freeze = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false"]
-    runs: dict[str, tuple[Any, Any, dict[str, Any], list[str]]] = {
-        "dpo_oracle": (dpo.DpoConfig, dpo.train, {"data": str(oracle_pairs)}, []),
-        "dpo_bdhs": (dpo.DpoConfig, dpo.train, {"data": str(pair_files["bdhs"])}, []),
-        "dpo_no_image": (dpo.DpoConfig, dpo.train, {"data": str(pair_files["no_image"])}, []),
-        "mdpo_bdhs": (dpo.DpoConfig, dpo.train, {"data": str(pair_files["bdhs"])}, ["loss=mdpo"]),
-        "online_dpo": (online_dpo.OnlineDpoConfig, online_dpo.train, {"data": str(prompt_file)}, [f"world={world}"]),
+    runs: dict[str, tuple[str, dict[str, Any], list[str]]] = {
+        "dpo_oracle": ("dpo", {"data": str(oracle_pairs)}, []),
+        "dpo_bdhs": ("dpo", {"data": str(pair_files["bdhs"])}, []),
+        "dpo_no_image": ("dpo", {"data": str(pair_files["no_image"])}, []),
+        "mdpo_bdhs": ("dpo", {"data": str(pair_files["bdhs"])}, ["loss=mdpo"]),
+        "online_dpo": ("online-dpo", {"data": str(prompt_file)}, [f"world={world}"]),
         "mixed_dpo": (
-            online_dpo.OnlineDpoConfig,
-            online_dpo.train,
+            "online-dpo",
             {"data": str(prompt_file)},
             [f"world={world}", f"offline_data={oracle_pairs}", "mix_p=0.5"],
         ),
     }
-    for name, (cls, train, flags, overrides) in runs.items():
-        if name in results:
-            continue
-        t0 = time.perf_counter()
-        cfg = load_config(cls, flags={**common, **flags, "out": str(out / "runs" / name)}, overrides=freeze + overrides)
-        model_dir = train(cfg)
-        timings[name] = time.perf_counter() - t0
-        results[name] = evaluate(model_dir, world, profile.chair_max_new_tokens)
-        save()
+    jobs = {
+        name: (recipe, {**common, **flags, "out": str(out / "runs" / name), "progress": processes <= 1},
+               freeze + overrides, world, profile.chair_max_new_tokens)
+        for name, (recipe, flags, overrides) in runs.items()
+        if name not in results
+    }  # fmt: skip
+    if processes <= 1:
+        for name, job in jobs.items():
+            results[name], timings[name] = run_row(*job)
+            save()
+    elif jobs:
+        # The rows are independent: run them side by side, one thread each (same numbers as one after another).
+        log.info("study rows %s: %d side by side, one thread each", ", ".join(jobs), processes)
+        pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=single_thread_worker)
+        with pool:
+            futures = {pool.submit(run_row, *job): name for name, job in jobs.items()}
+            for future in as_completed(futures):
+                name = futures[future]
+                results[name], timings[name] = future.result()
+                save()
     closed = gap_closed(results)
     report_lines = [
         "# The alignment study on the world",

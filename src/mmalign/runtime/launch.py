@@ -55,6 +55,14 @@ def default_processes() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def single_thread_worker() -> None:
+    """Initializer for worker processes that run whole jobs side by side (one thread each, logging on)."""
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
 def _as_override(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return f"{key}={'true' if value else 'false'}"

@@ -368,7 +368,7 @@ def _add_demo(sub: Any) -> None:
     p.add_argument(
         "--processes",
         type=int,
-        help="data-parallel training processes (default: 2 on a CPU with 2+ cores, 1 with --quick or on a GPU)",
+        help="preference runs side by side (default: 2 on a CPU with 2+ cores, 1 with --quick or on a GPU)",
     )
     p.set_defaults(func=cmd_demo)
 

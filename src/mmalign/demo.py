@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mmalign.runtime.launch import default_processes, run_recipe, single_thread_worker
+from mmalign.runtime.launch import default_processes, run_recipe, run_side_by_side
 from mmalign.world.config import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ ALIGNMENT_RUNS = {
 }
 
 
-def _evaluate(model_dir: Path, world: Path, max_new_tokens: int) -> dict[str, Any]:
+def evaluate_on_world(model_dir: Path, world: Path, max_new_tokens: int) -> dict[str, Any]:
+    """POPE (three splits, greedy generation) and CHAIR of a model on a world."""
     from mmalign.eval.chair import evaluate_chair
     from mmalign.eval.pope import evaluate_pope, load_pope_sets
     from mmalign.models.load import load_model
@@ -114,13 +115,14 @@ def _evaluate(model_dir: Path, world: Path, max_new_tokens: int) -> dict[str, An
     return {"pope": pope, "chair": chair}
 
 
-def _align_and_evaluate(
-    name: str, flags: dict[str, Any], overrides: list[str], world: Path, max_new_tokens: int
+def train_and_evaluate(
+    recipe: str, name: str, flags: dict[str, Any], overrides: list[str], world: Path, max_new_tokens: int
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """One preference run and its evaluation, in one process (picklable: the demo runs several side by side)."""
+    """One run of ``recipe`` in this process and its evaluation; returns (results, seconds of ``name`` and of
+    ``eval name``). Picklable: the demo and the study run several side by side."""
     timings: dict[str, float] = {}
-    model_dir = _timed(timings, name, lambda: run_recipe("dpo", flags, overrides))
-    result = _timed(timings, f"eval {name}", lambda: _evaluate(model_dir, world, max_new_tokens))
+    model_dir = _timed(timings, name, lambda: run_recipe(recipe, flags, overrides))
+    result = _timed(timings, f"eval {name}", lambda: evaluate_on_world(model_dir, world, max_new_tokens))
     return result, timings
 
 
@@ -138,18 +140,12 @@ def _alignment_stage(
     The runs are independent and short, so with several processes they run side by side, one thread each (a run
     this small gains nothing from data parallelism: its fixed costs dominate); results do not depend on that.
     """
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
     from mmalign.world.pairs import write_world_pairs
 
     pairs = world / "pairs.jsonl"
     _timed(timings, "world pairs", lambda: write_world_pairs(world, pairs, seed=seed, kinds=PAIR_KINDS))
     # Same freezing as the world model's SFT: the decoder learns, the vision path stays as it is.
-    freeze = [
-        "freeze.vision=true", "freeze.projector=true", "freeze.llm=false",
-        f"group_by_length={str(profile.group_by_length).lower()}",
-    ]  # fmt: skip
+    freeze = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false"]
     jobs = {}
     for name, overrides in ALIGNMENT_RUNS.items():
         flags = {
@@ -163,24 +159,18 @@ def _alignment_stage(
             "rpo_alpha": profile.dpo_rpo_alpha,
             "seed": seed,
             "log_every": 10,
+            "group_by_length": profile.group_by_length,
             "progress": processes <= 1,
         }
-        jobs[name] = (name, flags, [*freeze, *overrides], world, profile.chair_max_new_tokens)
-    results: dict[str, Any] = {}
-    if processes <= 1:
-        for name, job in jobs.items():
-            results[name], run_timings = _align_and_evaluate(*job)
-            timings.update(run_timings)
-        return results
+        jobs[name] = ("dpo", name, flags, [*freeze, *overrides], world, profile.chair_max_new_tokens)
     t0 = time.perf_counter()
-    log.info("alignment runs %s: %d side by side, one thread each", ", ".join(jobs), processes)
-    pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=single_thread_worker)
-    with pool:
-        futures = {name: pool.submit(_align_and_evaluate, *job) for name, job in jobs.items()}
-        for name, future in futures.items():
-            results[name], run_timings = future.result()
-            timings.update(run_timings)
-    timings["alignment (wall)"] = time.perf_counter() - t0
+    done = dict(run_side_by_side(train_and_evaluate, jobs, processes))
+    results: dict[str, Any] = {}
+    for name in jobs:
+        results[name], run_timings = done[name]
+        timings.update(run_timings)
+    if processes > 1:
+        timings["alignment (wall)"] = time.perf_counter() - t0
     return results
 
 
@@ -218,12 +208,15 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, processes: int | 
         return save_model(model, processor, out / "models" / "init")
 
     init_dir = _timed(timings, "model init", init)
-    common = {"seed": seed, "batch_size": profile.batch_size, "lr": profile.lr}
+    common = {
+        "seed": seed,
+        "batch_size": profile.batch_size,
+        "lr": profile.lr,
+        "group_by_length": profile.group_by_length,
+        "compile": profile.compile,
+    }
     # The decoder is random-init, so it is what the caption stage trains; the vision path stays frozen.
-    frozen_vision = [
-        "freeze.vision=true", "freeze.projector=true", "freeze.llm=false", "loss_per=sample",
-        f"group_by_length={str(profile.group_by_length).lower()}", f"compile={str(profile.compile).lower()}",
-    ]  # fmt: skip
+    frozen_vision = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false", "loss_per=sample"]
     stage1 = _timed(
         timings,
         "pretrain",

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmalign.runtime.launch import default_processes, run_recipe, single_thread_worker
+from mmalign.runtime.launch import default_processes, run_side_by_side
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +41,6 @@ ROWS = (
     ("mixed_dpo", "mixed DPO (p = 0.5)"),
     ("mdpo_bdhs", "mDPO, BDHS pairs"),
 )
-
-
-def evaluate(model_dir: Path, world: Path, max_new_tokens: int) -> dict[str, Any]:
-    """POPE (three splits, greedy generation) and CHAIR of a model on a world."""
-    from mmalign.eval.chair import evaluate_chair
-    from mmalign.eval.pope import evaluate_pope, load_pope_sets
-    from mmalign.models.load import load_model
-
-    loaded = load_model(model_dir)
-    pope = evaluate_pope(loaded.model, loaded.processor, load_pope_sets(world), method="generate", progress=False)
-    chair = evaluate_chair(loaded.model, loaded.processor, world, max_new_tokens=max_new_tokens, progress=False)
-    return {"pope": pope, "chair": chair}
-
-
-def run_row(
-    recipe: str, flags: dict[str, Any], overrides: list[str], world: Path, max_new_tokens: int
-) -> tuple[dict[str, Any], float]:
-    """Train one row in this process and evaluate it; returns (results, training seconds)."""
-    t0 = time.perf_counter()
-    model_dir = run_recipe(recipe, flags, overrides)
-    seconds = time.perf_counter() - t0
-    return evaluate(model_dir, world, max_new_tokens), seconds
 
 
 def prompts_from_pairs(pairs_file: Path, out: Path, limit: int) -> Path:
@@ -160,11 +138,8 @@ def run_study(
     ``processes`` rows run side by side (default: as ``mmalign demo``: two on a CPU with two or more cores, one for
     ``quick``).
     """
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
     from mmalign.data.preference import write_pairs
-    from mmalign.demo import PROFILES, run_demo
+    from mmalign.demo import PROFILES, run_demo, train_and_evaluate
     from mmalign.generation.bdhs import BdhsConfig
     from mmalign.generation.bdhs_run import run_bdhs
     from mmalign.generation.embed import SentenceEmbedder
@@ -239,25 +214,15 @@ def run_study(
         ),
     }
     jobs = {
-        name: (recipe, {**common, **flags, "out": str(out / "runs" / name), "progress": processes <= 1},
+        name: (recipe, name, {**common, **flags, "out": str(out / "runs" / name), "progress": processes <= 1},
                freeze + overrides, world, profile.chair_max_new_tokens)
         for name, (recipe, flags, overrides) in runs.items()
         if name not in results
     }  # fmt: skip
-    if processes <= 1:
-        for name, job in jobs.items():
-            results[name], timings[name] = run_row(*job)
-            save()
-    elif jobs:
-        # The rows are independent: run them side by side, one thread each (same numbers as one after another).
-        log.info("study rows %s: %d side by side, one thread each", ", ".join(jobs), processes)
-        pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=single_thread_worker)
-        with pool:
-            futures = {pool.submit(run_row, *job): name for name, job in jobs.items()}
-            for future in as_completed(futures):
-                name = futures[future]
-                results[name], timings[name] = future.result()
-                save()
+    # The rows are independent: with several processes they run side by side, one thread each (same numbers).
+    for name, (row, row_timings) in run_side_by_side(train_and_evaluate, jobs, processes):
+        results[name], timings[name] = row, row_timings[name]
+        save()
     closed = gap_closed(results)
     report_lines = [
         "# The alignment study on the world",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -34,8 +34,7 @@ def batch_indices(n: int, batch_size: int, micro_step: int, seed: int, rank: int
     return out
 
 
-@lru_cache(maxsize=4)
-def _grouped_epoch(lengths: tuple[int, ...], global_batch: int, group: int, seed: int, epoch: int) -> tuple[int, ...]:
+def _grouped_epoch(lengths: Sequence[int], global_batch: int, group: int, seed: int, epoch: int) -> tuple[int, ...]:
     """One epoch of ``len(lengths) // global_batch`` global batches, each of items of similar length."""
     n_batches = len(lengths) // global_batch
     perm = _permutation(len(lengths), seed, epoch)[: n_batches * global_batch]
@@ -48,6 +47,21 @@ def _grouped_epoch(lengths: tuple[int, ...], global_batch: int, group: int, seed
         for b in torch.randperm(len(batches), generator=g).tolist():
             out.extend(batches[b])
     return tuple(out)
+
+
+_cached_grouped_epoch = lru_cache(maxsize=4)(_grouped_epoch)
+
+
+def _grouped_slice(
+    n: int, batch_size: int, micro_step: int, rank: int, world: int, epoch_order: Callable[[int], tuple[int, ...]]
+) -> list[int]:
+    global_batch = batch_size * world
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"length grouping needs a full batch of {global_batch} examples, got {n}")
+    epoch, b = divmod(micro_step, per_epoch)
+    start = b * global_batch + rank * batch_size
+    return list(epoch_order(epoch)[start : start + batch_size])
 
 
 def length_grouped_indices(
@@ -70,22 +84,24 @@ def length_grouped_indices(
         lengths: a length (any monotone proxy: characters, tokens) per example.
         group: global batches per sorted chunk; larger pads less but orders the data less randomly.
     """
-    global_batch = batch_size * world
-    per_epoch = len(lengths) // global_batch
-    if per_epoch == 0:
-        raise ValueError(f"length grouping needs a full batch of {global_batch} examples, got {len(lengths)}")
-    epoch, b = divmod(micro_step, per_epoch)
-    order = _grouped_epoch(tuple(lengths), global_batch, group, seed, epoch)
-    start = b * global_batch + rank * batch_size
-    return list(order[start : start + batch_size])
+    key = tuple(lengths)
+    return _grouped_slice(
+        len(key),
+        batch_size,
+        micro_step,
+        rank,
+        world,
+        lambda epoch: _cached_grouped_epoch(key, batch_size * world, group, seed, epoch),
+    )
 
 
 @dataclass(frozen=True)
 class Batches:
     """The batch order of one run and process: ``batches(micro_step)`` gives that micro-step's example indices.
 
-    With ``lengths`` set, batches are grouped by length (``length_grouped_indices``); otherwise plain seeded epochs
-    (``batch_indices``).
+    With ``lengths`` set, batches are grouped by length (the order of ``length_grouped_indices``; each epoch's
+    order is built once per run and kept, not looked up by the lengths on every step); otherwise plain seeded
+    epochs (``batch_indices``).
     """
 
     n: int
@@ -94,6 +110,8 @@ class Batches:
     rank: int = 0
     world: int = 1
     lengths: tuple[int, ...] | None = None
+    group: int = 64
+    _orders: dict[int, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def for_run(cls, examples: Sequence[Any], cfg: Any, rank: int = 0, world: int = 1) -> Batches:
@@ -101,8 +119,16 @@ class Batches:
         lengths = tuple(e.text_length for e in examples) if cfg.group_by_length else None
         return cls(len(examples), cfg.batch_size, cfg.seed, rank, world, lengths)
 
+    def _epoch_order(self, epoch: int) -> tuple[int, ...]:
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.clear()
+            lengths = self.lengths or ()
+            self._orders[epoch] = _grouped_epoch(lengths, self.batch_size * self.world, self.group, self.seed, epoch)
+        return self._orders[epoch]
+
     def __call__(self, micro_step: int, rank: int | None = None) -> list[int]:
         r = self.rank if rank is None else rank
         if self.lengths is None:
             return batch_indices(self.n, self.batch_size, micro_step, self.seed, r, self.world)
-        return length_grouped_indices(self.lengths, self.batch_size, micro_step, self.seed, r, self.world)
+        return _grouped_slice(self.n, self.batch_size, micro_step, r, self.world, self._epoch_order)

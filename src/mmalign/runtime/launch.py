@@ -1,12 +1,14 @@
-"""Run a training recipe in this process, or in N processes under ``torchrun`` (DDP; gloo on a CPU).
+"""Run training jobs on the cores a machine has: a recipe in N data-parallel processes, or whole jobs side by side.
 
-On a CPU the toolkit's small models are too small for a second thread to speed up one process (measured: a world
-SFT step takes the same time with one or two threads), while two single-thread processes each run at nearly full
-speed. So a job that owns N cores runs its training stages as N data-parallel processes: the standard
-``torch.distributed`` launcher and the recipes' own accelerate set-up, nothing home-made. ``batch_size`` in the
-flags is the *global* batch; each process takes ``batch_size / N`` (the recipes count ``batch_size`` per process).
+``run_recipe(name, flags, overrides, processes=N)`` trains in this process (N = 1) or in N processes under
+``torchrun`` (DDP; gloo on a CPU): the standard ``torch.distributed`` launcher and the recipes' own accelerate
+set-up, nothing home-made. ``batch_size`` in the flags is the *global* batch; each process takes ``batch_size / N``
+(the recipes count ``batch_size`` per process). ``python -m mmalign.runtime.launch RECIPE key=value ...`` is the
+entry point each process runs.
 
-``python -m mmalign.runtime.launch RECIPE key=value ...`` is the entry point each process runs.
+``run_side_by_side(fn, jobs, processes)`` runs independent jobs (a preference run and its evaluation) in a pool of
+single-thread processes. On 2 CPU cores the toolkit's small models gain nothing from a second thread, nor (measured,
+README) from a second data-parallel process, while two single-thread jobs each run at nearly full speed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,28 @@ def single_thread_worker() -> None:
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run_side_by_side(
+    fn: Callable[..., Any], jobs: dict[str, tuple[Any, ...]], processes: int
+) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, fn(*args))`` for every job, as each finishes.
+
+    With ``processes`` > 1 the jobs run in a pool of that many spawned processes, one thread each (``fn`` and its
+    arguments must pickle); otherwise one after another in this process, in order.
+    """
+    if processes <= 1:
+        for name, args in jobs.items():
+            yield name, fn(*args)
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    log.info("%s: %d side by side, one thread each", ", ".join(jobs), processes)
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=single_thread_worker) as pool:
+        futures = {pool.submit(fn, *args): name for name, args in jobs.items()}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 def _as_override(key: str, value: Any) -> str:

@@ -27,7 +27,9 @@ def test_quick_demo_writes_a_complete_report(tmp_path: Path) -> None:
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
 
 
-def test_preference_runs_side_by_side_match_one_after_another(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+def test_sft_evaluation_and_preference_runs_side_by_side_match_one_after_another(
+    llava_dir: Path, world_dir: Path, tmp_path: Path
+) -> None:
     import shutil
     from dataclasses import replace
 
@@ -38,10 +40,17 @@ def test_preference_runs_side_by_side_match_one_after_another(llava_dir: Path, w
     profile = replace(PROFILES["quick"], dpo_steps=2, chair_max_new_tokens=24)
     one: dict[str, float] = {}
     two: dict[str, float] = {}
-    seq = _alignment_stage(tmp_path / "one", world, llava_dir, profile, 0, one, processes=1)
-    par = _alignment_stage(tmp_path / "two", world, llava_dir, profile, 0, two, processes=2)
+    for run in ("one", "two"):
+        (tmp_path / run / "eval").mkdir(parents=True)
+    sft_seq, seq = _alignment_stage(tmp_path / "one", world, llava_dir, profile, 0, one, processes=1)
+    sft_par, par = _alignment_stage(tmp_path / "two", world, llava_dir, profile, 0, two, processes=2)
     assert set(seq) == set(par) == set(ALIGNMENT_RUNS)
-    assert "alignment (wall)" in two and "alignment (wall)" not in one
+    assert "evaluation and alignment (wall)" in two and "evaluation and alignment (wall)" not in one
+    # The SFT model's evaluation ran in the pool too, with its answers and captions kept for the report.
+    assert set(sft_par) == {"pope", "pope_logits", "chair"}
+    assert sft_par["chair"]["chair_i"] == sft_seq["chair"]["chair_i"]
+    assert sft_par["pope"]["adversarial"]["f1"] == sft_seq["pope"]["adversarial"]["f1"]
+    assert (tmp_path / "two" / "eval" / "chair_captions.jsonl").is_file()
     for name in ALIGNMENT_RUNS:
         assert (tmp_path / "two" / "runs" / name / "model" / "config.json").is_file()
         assert par[name]["chair"]["chair_i"] == seq[name]["chair"]["chair_i"]
@@ -51,3 +60,20 @@ def test_preference_runs_side_by_side_match_one_after_another(llava_dir: Path, w
         b = load_file(str(tmp_path / "two" / "runs" / name / "model" / "model.safetensors"))
         for k in a:
             torch.testing.assert_close(b[k], a[k], msg=k)
+
+
+def test_vision_stage_pretrains_the_tower_before_the_decoder(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from mmalign.demo import PROFILES, _vision_stage
+
+    profile = replace(PROFILES["quick"], vision_steps=3, vision_scenes=40)
+    timings: dict[str, float] = {}
+    model_dir = _vision_stage(tmp_path, world_dir, llava_dir, profile, 0, timings)
+    assert "vision" in timings
+    before = load_file(str(llava_dir / "model.safetensors"))
+    after = load_file(str(model_dir / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
+    assert all(torch.equal(before[k], after[k]) for k in before if "language_model" in k)
+    held_out = json.loads((tmp_path / "runs" / "vision" / "held_out.json").read_text())
+    assert set(held_out) == {"shape", "colour", "size", "empty"}

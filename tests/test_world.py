@@ -120,6 +120,13 @@ def test_write_is_deterministic(tmp_path: Path, world: Path) -> None:
     assert other["images/train/000000.png"] != first["images/train/000000.png"]
 
 
+def test_rendering_in_two_processes_writes_the_same_bytes(tmp_path: Path) -> None:
+    cfg = replace(SMALL, n_train=700, n_eval=20)  # two chunks of scenes
+    write_world(cfg, tmp_path / "one", progress=False)
+    write_world(cfg, tmp_path / "two", progress=False, processes=2)
+    assert all_bytes(tmp_path / "one") == all_bytes(tmp_path / "two")
+
+
 def test_layout_and_schemas(tmp_path: Path) -> None:
     summary = write_world(SMALL, tmp_path, progress=False)
     assert (summary.n_train, summary.n_eval) == (60, 30)
@@ -195,6 +202,25 @@ def test_brought_partners_are_small_with_partner_small_prob(small_prob: float) -
     # The knob changes sizes only: the same shapes and cells are drawn either way.
     plain = sample_scenes(replace(cfg, partner_small_prob=0.0), "train")
     assert [s.shapes for s in plain] == [s.shapes for s in sample_scenes(cfg, "train")]
+
+
+def test_partner_size_is_drawn_for_brought_partners_only() -> None:
+    sizes = {"small": 0.45, "large": 0.85, "tiny": 0.2}
+    cfg = WorldConfig(n_train=1500, n_eval=200, seed=4, sizes=sizes, partner_size="tiny", partner_small_prob=1.0)
+    tiny_shapes = Counter()
+    together = 0
+    for scene in sample_scenes(cfg, "train"):
+        for obj in scene.objects:
+            if obj.size == "tiny":
+                tiny_shapes[obj.shape] += 1
+                # Only a partner whose member is in the scene is ever tiny.
+                assert cfg.partner[obj.shape] in scene.shapes
+        together += sum(set(pair) <= set(scene.shapes) for pair in cfg.pairs)
+    assert set(tiny_shapes) <= set(cfg.partner) and sum(tiny_shapes.values()) >= 0.95 * together > 300
+    # Eval scenes break the pairs, so nothing there is tiny; other objects keep the two ordinary sizes.
+    assert {o.size for s in sample_scenes(cfg, "eval") for o in s.objects} == {"small", "large"}
+    with pytest.raises(ValueError, match="partner_size"):
+        WorldConfig(partner_size="huge")
 
 
 def test_eval_scenes_break_the_pairs() -> None:

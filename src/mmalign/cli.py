@@ -146,6 +146,7 @@ def _add_train(sub: Any) -> None:
         ("pretrain", "projector alignment on captions"),
         ("sft", "instruction tuning"),
         ("contrastive", "CLIP-style warm-up of a random-init vision path on image-caption pairs"),
+        ("vision", "supervised pretraining of a random-init vision tower on a world's per-cell labels (--data WORLD)"),
         ("dpo", "offline preference optimisation (--loss dpo|cdpo|robust|ipo|hinge|dpo_norm|simpo|mdpo|mm_dpo|...)"),
         ("online-dpo", "online / hybrid DPO: pairs sampled from the current policy and ranked by a judge, or BDHS"),
     ):

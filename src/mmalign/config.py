@@ -77,6 +77,10 @@ class TrainConfig(Section):
     # compute is paid per padded token, the world's mix of yes/no answers and long captions pads half of every
     # batch without it. Off by default: it changes which examples share a batch.
     group_by_length: bool = False
+    # Pack each batch's samples end to end into rows of ``pack_length`` tokens (``mmalign.data.packing``): the same
+    # batches and loss with much less padding (LLaVA-style inputs; supervised recipes).
+    pack: bool = False
+    pack_length: int = Field(128, ge=16)
     # ``torch.compile`` the language model (dynamic shapes). Pays a one-off compile (about a minute on 2 CPU cores
     # for the world model, less when the on-disk inductor cache already holds the graphs) for fewer, fused kernels:
     # measured on the world's SFT step, 192 → 127 ms on 2 CPU cores.

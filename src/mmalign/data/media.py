@@ -81,6 +81,9 @@ def media_source(value: Any) -> tuple[str | None, bytes | None]:
     raise MediaError(f"expected {shapes}, got {type(value).__name__}")
 
 
+_UNSEEN = object()
+
+
 def _is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
@@ -130,8 +133,10 @@ class MediaChecker:
 
     def __init__(self, root: str | Path, *, decode: bool = True) -> None:
         self.root = Path(os.path.abspath(root))
+        self.root_text = str(self.root)
         self.decode = decode
         self._files: dict[tuple[Path, str], str | None] = {}  # (path, kind) -> failure reason or None
+        self._paths: dict[tuple[str, str], str | None] = {}  # the same, keyed by the path as written
 
     def check_path(self, path: str, *, kind: str = "image") -> None:
         """Check a media path: inside the root, an existing file and (images) decodable.
@@ -139,13 +144,22 @@ class MediaChecker:
         Raises:
             MediaError: with the reason, e.g. ``image file not found: images/x.png``.
         """
-        full = resolve_in_root(path, self.root)
-        key = (full, kind)
-        if key not in self._files:
-            self._files[key] = self._file_problem(full, path, kind)
-        reason = self._files[key]
-        if reason is not None:
-            raise MediaError(reason)
+        # The same path string always resolves the same way against this root: rows that share an image (many
+        # questions about one picture) cost one dictionary lookup.
+        seen = self._paths.get((path, kind), _UNSEEN)
+        if seen is _UNSEEN:
+            try:
+                full = resolve_in_root(path, self.root)
+            except MediaError as err:
+                seen = str(err)
+            else:
+                key = (full, kind)
+                if key not in self._files:
+                    self._files[key] = self._file_problem(full, path, kind)
+                seen = self._files[key]
+            self._paths[(path, kind)] = seen
+        if seen is not None:
+            raise MediaError(seen)
 
     def check_data(self, data: bytes, *, kind: str = "image") -> None:
         """Check encoded media bytes (images are decoded when ``decode`` is set).

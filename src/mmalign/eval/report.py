@@ -190,8 +190,9 @@ def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
         "",
         "## Time per stage (seconds)",
         "",
-        f"Processes for the preference runs: {results.get('processes', 1)} (with more than one they run side by "
-        "side, so their own times overlap; `alignment (wall)` is the stage's wall time).",
+        f"Processes for the world's images, the SFT evaluation and the preference runs: "
+        f"{results.get('processes', 1)} (with more than one, the evaluation and the preference runs go side by "
+        "side, so their own times overlap; `evaluation and alignment (wall)` is that stage's wall time).",
         "",
         "| stage | seconds |",
         "|---|---|",

@@ -18,7 +18,8 @@ from pydantic import Field
 from mmalign.config import FreezeConfig, TrainConfig, dump_config
 from mmalign.data.collate import IGNORE_INDEX, encode_sft
 from mmalign.data.loaders import load_samples
-from mmalign.logprobs import sequence_logps
+from mmalign.data.packing import pack_batch, per_sample_sums
+from mmalign.logprobs import sequence_logps, token_logps
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import Batches
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
@@ -44,15 +45,31 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 def _loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], per: str) -> tuple[torch.Tensor, float]:
     """The batch's loss numerator and its token-weighted NLL sum (for logging)."""
     labels = batch.pop("labels")
-    nll, n = sequence_nll(model(**batch, use_cache=False).logits, labels)
+    owner = batch.pop("sample_index", None)
+    logits = model(**batch, use_cache=False).logits
+    if owner is None:
+        nll, n = sequence_nll(logits, labels)
+    else:  # packed rows: sum each sample's tokens wherever they sit
+        logps, mask = token_logps(logits, labels)
+        summed, n = per_sample_sums(logps, mask, owner, int(owner.max()) + 1)
+        nll = -summed
     if per == "sample":
         return (nll / n.clamp_min(1)).sum(), nll.sum().item()
     return nll.sum(), nll.sum().item()
 
 
+def _targets_per_sample(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Labelled tokens of each sample of a batch (packed or not)."""
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    if "sample_index" not in batch:
+        return mask.sum(-1)
+    owner = batch["sample_index"]
+    return torch.bincount(owner[:, 1:][mask], minlength=int(owner.max()) + 1)
+
+
 def _normaliser(micro_batches: list[dict[str, torch.Tensor]], per: str) -> int:
     """Tokens (``per="token"``) or samples (``per="sample"``) with a target in the accumulated batch."""
-    counts = [(b["labels"][:, 1:] != IGNORE_INDEX).sum(-1) for b in micro_batches]
+    counts = [_targets_per_sample(b) for b in micro_batches]
     if per == "sample":
         return sum(int((c > 0).sum()) for c in counts)
     return sum(int(c.sum()) for c in counts)
@@ -93,14 +110,24 @@ def train(cfg: TrainConfig) -> Path:
         desc=f"train {out.name}",
         enabled=cfg.progress and accelerator.is_main_process,
     )
+
+    pad_id = loaded.tokenizer.pad_token_id
+
+    def encode_micro(m: int) -> dict[str, torch.Tensor]:
+        chunk = [samples[i] for i in batches(m)]
+        enc = encode_sft(loaded.processor, chunk, cfg.max_length)
+        if cfg.pack:
+            enc = pack_batch(enc, [len(s.images) for s in chunk], pad_id, cfg.pack_length)
+        return enc
+
+    def encode_step(step: int) -> list[dict[str, torch.Tensor]]:
+        return [encode_micro(m) for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
+
     t0, tokens_seen, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
     for step in range(start, cfg.steps):
+        micro_batches = encode_step(step)
         lr = cfg.lr * lr_factor(step, cfg.steps, warmup, cfg.schedule)
         set_lr(optimizer, lr)
-        micro_batches = []
-        for micro in range(cfg.grad_accum):
-            idx = batches(step * cfg.grad_accum + micro)
-            micro_batches.append(encode_sft(loaded.processor, [samples[i] for i in idx], cfg.max_length))
         # Normalise by the labelled tokens of the whole (accumulated, all-process) batch, so that gradient
         # accumulation 4x1 equals 1x4 exactly.
         n_local = _normaliser(micro_batches, cfg.loss_per)
@@ -108,6 +135,7 @@ def train(cfg: TrainConfig) -> Path:
         n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum").item())
         step_loss = 0.0
         for micro, batch in enumerate(micro_batches):
+            n_real = int((batch["sample_index"] >= 0).sum()) if "sample_index" in batch else 0
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = micro == len(micro_batches) - 1
             ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
@@ -116,7 +144,7 @@ def train(cfg: TrainConfig) -> Path:
                 # DDP averages gradients over processes; scale so the result is the global mean.
                 accelerator.backward(numerator * accelerator.num_processes / max(1, n_total))
             step_loss += nll_sum
-            tokens_seen += int(batch["attention_mask"].sum())
+            tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch else n_real
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -29,6 +29,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "pretrain": ("mmalign.recipes.pretrain", "PretrainConfig"),
     "sft": ("mmalign.recipes.sft", "SftConfig"),
     "contrastive": ("mmalign.recipes.contrastive", "ContrastiveConfig"),
+    "vision": ("mmalign.recipes.vision", "VisionConfig"),
     "dpo": ("mmalign.recipes.dpo", "DpoConfig"),
     "online-dpo": ("mmalign.recipes.online_dpo", "OnlineDpoConfig"),
 }

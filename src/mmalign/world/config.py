@@ -73,6 +73,8 @@ class WorldConfig:
         synonym_prob: per caption, per shape, probability of naming it by a synonym.
         partner_small_prob: in training scenes, probability that a partner brought along by its member is
             drawn at the smallest size (otherwise its size is uniform like every object's).
+        partner_size: a name in ``sizes`` that only such partners are drawn at (no other object gets it), e.g. a
+            ``tiny`` size for a partner barely in view; ``None``: the smallest size, which any object may get.
         caption_order: one of ``CAPTION_ORDERS``.
         detailed_intro: one of ``DETAILED_INTROS``.
         partner_question_prob: per training scene and per missing partner of a present member, probability
@@ -95,6 +97,7 @@ class WorldConfig:
     duplicate_prob: float = 0.08
     synonym_prob: float = 0.15
     partner_small_prob: float = 0.0
+    partner_size: str | None = None
     caption_order: str = "reading"
     detailed_intro: str = "count"
     partner_question_prob: float = 1.0
@@ -114,6 +117,11 @@ class WorldConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {value}")
+        if self.partner_size is not None and (self.partner_size not in self.sizes or len(self.sizes) < 2):
+            raise ValueError(
+                f"WorldConfig.partner_size must name one of several sizes ({', '.join(self.sizes)}), "
+                f"got {self.partner_size!r}"
+            )
         if self.synonym_prob > 0.2:
             raise ValueError(f"WorldConfig.synonym_prob must be at most 0.2, got {self.synonym_prob}")
         if self.caption_order not in CAPTION_ORDERS:

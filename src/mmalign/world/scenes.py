@@ -219,14 +219,16 @@ def _place(
 ) -> Scene:
     """Give each shape a colour, a size and a distinct cell; order objects row-major.
 
-    A partner that its member brought along (index in ``brought``) is drawn at the smallest size with
-    ``cfg.partner_small_prob`` (a coin from ``size_rng``): the object that comes with another is often the one
-    barely in view, like the table at the edge of a photo of a fork.
+    A partner that its member brought along (index in ``brought``) is drawn at the smallest size (or at
+    ``cfg.partner_size``, a size only such partners get) with ``cfg.partner_small_prob`` (a coin from
+    ``size_rng``): the object that comes with another is often the one barely in view, like the table at the edge
+    of a photo of a fork.
     """
     n_cells = cfg.grid_rows * cfg.grid_cols
     cells = rng.sample(range(n_cells), len(shapes))
-    colours, sizes = list(cfg.colours), list(cfg.sizes)
-    smallest = min(sizes, key=lambda name: cfg.sizes[name])
+    colours = list(cfg.colours)
+    sizes = [name for name in cfg.sizes if name != cfg.partner_size]
+    smallest = cfg.partner_size or min(sizes, key=lambda name: cfg.sizes[name])
 
     def size(i: int) -> str:
         drawn = rng.choice(sizes)

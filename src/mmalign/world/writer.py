@@ -75,7 +75,7 @@ class WorldSummary:
     n_pope: dict[str, int]
 
 
-def write_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> WorldSummary:
+def write_world(cfg: WorldConfig, out: str | Path, progress: bool = True, processes: int = 1) -> WorldSummary:
     """Generate and write the world described by ``cfg`` under ``out``.
 
     ``out`` is created if needed; files of an earlier world there are overwritten, but images beyond
@@ -85,6 +85,7 @@ def write_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> Wor
         cfg: the world config.
         out: output directory.
         progress: show a progress bar over scenes (only on a terminal).
+        processes: render the images in this many processes (the bytes written are the same).
 
     Returns:
         Paths and counts of what was written.
@@ -93,11 +94,7 @@ def write_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> Wor
     train, evals = sample_scenes(cfg, "train"), sample_scenes(cfg, "eval")
     for split in ("train", "eval"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
-    # disable=None lets tqdm switch itself off when stderr is not a terminal.
-    for scene in tqdm(train + evals, desc="world", unit="scene", disable=None if progress else True):
-        buf = io.BytesIO()
-        render_scene(scene, cfg).save(buf, format="PNG")
-        atomic_write(out / scene.image, buf.getvalue())
+    _write_images(cfg, out, train + evals, progress, processes)
 
     frequency = {"train": object_frequency(train, cfg.shapes), "eval": object_frequency(evals, cfg.shapes)}
     cooc = cooccurrence_matrix(train, cfg.shapes)
@@ -131,6 +128,34 @@ def write_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> Wor
         n_sft=len(sft),
         n_pope={split: len(rows) for split, rows in pope.items()},
     )
+
+
+def _render_chunk(cfg: WorldConfig, out: Path, scenes: list[Scene]) -> int:
+    for scene in scenes:
+        buf = io.BytesIO()
+        render_scene(scene, cfg).save(buf, format="PNG")
+        atomic_write(out / scene.image, buf.getvalue())
+    return len(scenes)
+
+
+def _write_images(cfg: WorldConfig, out: Path, scenes: list[Scene], progress: bool, processes: int) -> None:
+    """Render and write every scene's PNG, in chunks, side by side when ``processes`` > 1."""
+    chunk = 500
+    chunks = [scenes[i : i + chunk] for i in range(0, len(scenes), chunk)]
+    # disable=None lets tqdm switch itself off when stderr is not a terminal.
+    bar = tqdm(total=len(scenes), desc="world", unit="scene", disable=None if progress else True)
+    if processes <= 1 or len(chunks) <= 1:
+        for part in chunks:
+            bar.update(_render_chunk(cfg, out, part))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(processes, len(chunks)), mp_context=context) as pool:
+            for done in as_completed([pool.submit(_render_chunk, cfg, out, part) for part in chunks]):
+                bar.update(done.result())
+    bar.close()
 
 
 def make_world(

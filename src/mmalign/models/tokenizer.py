@@ -32,7 +32,8 @@ def words_of(texts: Iterable[str]) -> set[str]:
     """The word-level tokens a corpus needs (as the tokenizer will see them)."""
     pre = _pre_tokenizer()
     found: set[str] = set()
-    for text in texts:
+    # Instruction data repeats its questions and answers many times over; each distinct text is split once.
+    for text in set(texts):
         found.update(tok for tok, _ in pre.pre_tokenize_str(text))
     return found
 

@@ -34,16 +34,19 @@ def test_pack_batch_layout_by_hand() -> None:
         "labels": torch.tensor([[-100, 6, 7, -100], [-100, 9, -100, -100], [-100, -100, 3, 4]]),
         "pixel_values": torch.arange(3.0).reshape(3, 1),
     }
-    out = pack_batch(enc, [1, 1, 1], pad_id=0, row_length=6)
+    # Sample 0 has one image, sample 1 none, sample 2 two: pixel rows [0], [], [1, 2].
+    out = pack_batch(enc, [1, 0, 2], pad_id=0, row_length=6)
     # Lengths 3, 2, 4: sample 2 (4) opens row 0, sample 0 (3) opens row 1, sample 1 (2) joins row 0.
     assert out["input_ids"].tolist() == [[1, 2, 3, 4, 8, 9], [5, 6, 7, 0, 0, 0]]
     assert out["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
     assert out["sample_index"].tolist() == [[2, 2, 2, 2, 1, 1], [0, 0, 0, -1, -1, -1]]
     assert out["labels"].tolist() == [[-100, -100, 3, 4, -100, 9], [-100, 6, 7, -100, -100, -100]]
-    assert out["pixel_values"].flatten().tolist() == [2.0, 1.0, 0.0]  # images follow the packed order
+    assert out["pixel_values"].flatten().tolist() == [1.0, 2.0, 0.0]  # images follow the packed order
     assert "attention_mask" not in out
     with pytest.raises(ValueError, match="cannot pack"):
-        pack_batch({**enc, "image_grid_thw": torch.ones(3, 3)}, [1, 1, 1], 0, 6)
+        pack_batch({**enc, "image_grid_thw": torch.ones(3, 3)}, [1, 0, 2], 0, 6)
+    with pytest.raises(ValueError, match="images expected"):
+        pack_batch(enc, [1, 1, 2], 0, 6)
 
 
 def test_per_sample_sums_by_hand() -> None:
@@ -73,7 +76,17 @@ def test_packed_log_likelihoods_equal_the_padded_ones(llava_dir: Path, world_dir
 
 
 @pytest.mark.parametrize("per", ["token", "sample"])
-def test_packed_sft_trains_like_unpacked(llava_dir: Path, world_dir: Path, tmp_path: Path, per: str) -> None:
+def test_packed_sft_trains_like_unpacked(
+    llava_dir: Path, world_dir: Path, tmp_path: Path, per: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows: list[int] = []
+
+    def spy(enc: dict, *args: object) -> dict:
+        packed = pack_batch(enc, *args)
+        rows.append(len(packed["input_ids"]))
+        return packed
+
+    monkeypatch.setattr(sft, "pack_batch", spy)
     losses = {}
     for pack in ("false", "true"):
         out = tmp_path / pack
@@ -86,3 +99,19 @@ def test_packed_sft_trains_like_unpacked(llava_dir: Path, world_dir: Path, tmp_p
         sft.train(cfg)
         losses[pack] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    # The packed run really packed: five batches of 8 samples, each in fewer rows.
+    assert len(rows) == 5 and max(rows) < 8
+
+
+def test_packing_refuses_models_with_their_own_positions(world_dir: Path, tmp_path: Path) -> None:
+    from conftest import build_model
+    from mmalign.errors import ConfigError
+
+    qwen = build_model("qwen2-vl", world_dir, tmp_path / "qwen")
+    cfg = load_config(
+        SftConfig,
+        flags={"model": str(qwen), "data": str(world_dir / "sft.jsonl"), "out": str(tmp_path / "run")},
+        overrides=["steps=1", "batch_size=2", "progress=false", "pack=true"],
+    )
+    with pytest.raises(ConfigError, match="LLaVA-style models only"):
+        sft.train(cfg)

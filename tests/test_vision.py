@@ -94,3 +94,30 @@ def test_bad_scene_row_names_file_row_and_field(tmp_path: Path) -> None:
     path.write_text(json.dumps(good) + "\n{}\n")
     with pytest.raises(DataError, match="row 2: not a scene record"):
         read_scenes(path, WorldConfig())
+
+
+def test_projector_ends_the_same_whether_or_not_init_calibrated(world_dir: Path, tmp_path: Path) -> None:
+    """The stage draws the projector's first layer afresh before standardising it, so calibration at `model init`
+    does not compound with its own."""
+    from dataclasses import replace
+
+    from conftest import TEST_SIZE
+    from mmalign.models.build import build_tiny, save_model
+    from mmalign.models.families import TinySize
+    from mmalign.models.vocab import corpus_images, corpus_texts
+
+    size = replace(TinySize(), **json.loads(TEST_SIZE))
+    finals = []
+    for name, images in (("plain", []), ("calibrated", corpus_images([world_dir]))):
+        model, processor = build_tiny("llava", corpus_texts([world_dir]), size=size, seed=0, calibration_images=images)
+        init = save_model(model, processor, tmp_path / name / "init")
+        cfg = load_config(
+            VisionConfig,
+            flags={"model": str(init), "data": str(world_dir), "out": str(tmp_path / name / "run")},
+            overrides=["steps=3", "batch_size=8", "progress=false", "eval_images=4"],
+        )
+        finals.append(load_file(str(train(cfg) / "model.safetensors")))
+    plain, calibrated = finals
+    for key in plain:
+        if "multi_modal_projector.linear_1" in key:
+            torch.testing.assert_close(calibrated[key], plain[key])

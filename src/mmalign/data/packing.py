@@ -57,7 +57,9 @@ def pack_batch(
 
     Returns:
         ``input_ids``, ``labels``, ``position_ids`` [R, T], ``sample_index`` [R, T] (the batch index of each token's
-        sample, -1 on padding) and ``pixel_values`` reordered to the packed order; no ``attention_mask``.
+        sample, -1 on padding) and ``pixel_values`` reordered to the packed order; no ``attention_mask``. Run the
+        forward with ``use_cache=False``: with a cache ``transformers`` does not look for packed sequences and the
+        samples of a row would attend to each other.
 
     Raises:
         ValueError: inputs that cannot be packed (other model inputs, left padding).
@@ -83,6 +85,8 @@ def pack_batch(
             n = lengths[i]
             ids[r, at : at + n] = enc["input_ids"][i, :n]
             labels[r, at : at + n] = enc["labels"][i, :n]
+            # A padded row never scores its first token; neither may the previous sample's last token here.
+            labels[r, at] = IGNORE_INDEX
             positions[r, at : at + n] = torch.arange(n)
             owner[r, at : at + n] = i
             at += n

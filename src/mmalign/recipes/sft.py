@@ -19,6 +19,7 @@ from mmalign.config import FreezeConfig, TrainConfig, dump_config
 from mmalign.data.collate import IGNORE_INDEX, encode_sft
 from mmalign.data.loaders import load_samples
 from mmalign.data.packing import pack_batch, per_sample_sums
+from mmalign.errors import ConfigError
 from mmalign.logprobs import sequence_logps, token_logps
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import Batches
@@ -111,7 +112,11 @@ def train(cfg: TrainConfig) -> Path:
         enabled=cfg.progress and accelerator.is_main_process,
     )
 
-    pad_id = loaded.tokenizer.pad_token_id
+    if cfg.pack and loaded.family.name != "llava":
+        raise ConfigError(
+            f"pack=true supports LLaVA-style models only; {loaded.family.name} needs its own position ids (pack=false)"
+        )
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
 
     def encode_micro(m: int) -> dict[str, torch.Tensor]:
         chunk = [samples[i] for i in batches(m)]

@@ -6,7 +6,9 @@ world's exact ground truth: the world is a grid of cells, and every patch token 
 into the shape, colour and size of the object in its cell (or "empty") by linear heads that are thrown away
 afterwards. Only training scenes are used; the eval split's images are held out and the per-attribute accuracy on
 them is reported. Because the tower's features change, the projector's input standardisation
-(``models/calibrate.py``) is recomputed on the training images at the end (``calibrate_projector``).
+(``models/calibrate.py``) is recomputed on the training images at the end (``calibrate_projector``: the projector's
+first layer is drawn afresh and standardised, so a model calibrated at ``model init`` ends the same as one that was
+not).
 
 Data: a written world (the directory, or its ``scenes.jsonl``). Real checkpoints do not need this stage.
 """
@@ -27,7 +29,7 @@ from pydantic import Field
 
 from mmalign.config import TrainConfig, dump_config
 from mmalign.errors import DataError
-from mmalign.models.calibrate import whiten_projector_input
+from mmalign.models.calibrate import first_projector_linear, whiten_projector_input
 from mmalign.models.load import load_model
 from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.checkpoint import save_model_atomic
@@ -156,12 +158,27 @@ def train(cfg: VisionConfig) -> Path:
         log.info("held-out cell accuracy: %s", ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
     metrics.close()
     if cfg.calibrate_projector:
+        _reinit_first_projector_linear(loaded.model, loaded.family.projector_modules)
         calib = [_open(world_dir, s) for s in train_scenes[: cfg.calibration_images]]
         whiten_projector_input(loaded.model, loaded.processor, calib, loaded.family.projector_modules)
     for p in loaded.model.parameters():
         p.requires_grad_(True)
     (out / "held_out.json").write_text(json.dumps(held_out, indent=2) + "\n")
     return save_model_atomic(loaded.model, loaded.processor, out / "model")
+
+
+def _reinit_first_projector_linear(model: Any, projector_paths: Sequence[str]) -> None:
+    """Draw the projector's first layer afresh (the model's init scale) before standardising it on the new features:
+    standardisation folds into the weights, so applying it to a layer already standardised on the old tower's
+    features would compound the two. Only meant for random-init models, whose projector has learned nothing."""
+    linear = first_projector_linear(model, projector_paths)
+    if linear is None:
+        return
+    std = getattr(model.config.get_text_config(), "initializer_range", 0.02) or 0.02
+    with torch.no_grad():
+        torch.nn.init.normal_(linear.weight, mean=0.0, std=std)
+        if linear.bias is not None:
+            linear.bias.zero_()
 
 
 def _accuracy(

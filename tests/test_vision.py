@@ -108,8 +108,10 @@ def test_projector_ends_the_same_whether_or_not_init_calibrated(world_dir: Path,
 
     size = replace(TinySize(), **json.loads(TEST_SIZE))
     finals = []
-    for name, images in (("plain", []), ("calibrated", corpus_images([world_dir]))):
-        model, processor = build_tiny("llava", corpus_texts([world_dir]), size=size, seed=0, calibration_images=images)
+    # Explicit files: other tests add deliberately broken data files to the shared world directory.
+    texts = corpus_texts([world_dir / "captions.jsonl", world_dir / "sft.jsonl"])
+    for name, images in (("plain", []), ("calibrated", corpus_images([world_dir / "captions.jsonl"]))):
+        model, processor = build_tiny("llava", texts, size=size, seed=0, calibration_images=images)
         init = save_model(model, processor, tmp_path / name / "init")
         cfg = load_config(
             VisionConfig,

@@ -267,10 +267,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, processes: int | 
     _timed(timings, "world", lambda: write_world(profile.world_config(seed), world, processes=processes))
 
     def init() -> Path:
-        # With a vision stage the projector is calibrated after it, on the pretrained tower's features.
-        images = [] if profile.vision_steps else corpus_images([world])
         model, processor = build_tiny(
-            "llava", corpus_texts([world]), size=TinySize(), seed=seed, calibration_images=images
+            "llava", corpus_texts([world]), size=TinySize(), seed=seed, calibration_images=corpus_images([world])
         )
         return save_model(model, processor, out / "models" / "init")
 

@@ -133,7 +133,6 @@ class MediaChecker:
 
     def __init__(self, root: str | Path, *, decode: bool = True) -> None:
         self.root = Path(os.path.abspath(root))
-        self.root_text = str(self.root)
         self.decode = decode
         self._files: dict[tuple[Path, str], str | None] = {}  # (path, kind) -> failure reason or None
         self._paths: dict[tuple[str, str], str | None] = {}  # the same, keyed by the path as written

@@ -50,11 +50,6 @@ class RowContext:
         return DataError(self.path, self.row, field, reason)
 
 
-def _is_mapping(value: Any) -> bool:
-    # JSON rows are plain dicts: skip the (slower) abstract-base-class check for them.
-    return type(value) is dict or isinstance(value, Mapping)
-
-
 def type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -83,13 +78,13 @@ def parse_sample(
     Raises:
         DataError: the first problem found, naming file, row and field.
     """
-    ctx = RowContext(path if isinstance(path, Path) else Path(path), row)
-    if not _is_mapping(record):
+    ctx = RowContext(Path(path), row)
+    if not isinstance(record, Mapping):
         raise ctx.error(None, f"row must be an object, got {type_name(record)}")
     checker = checker or MediaChecker(root)
     sample_id = parse_id(record.get("id"), ctx, default=f"{ctx.path.stem}-{row}")
     meta = record.get("meta")
-    if meta is not None and not _is_mapping(meta):
+    if meta is not None and not isinstance(meta, Mapping):
         raise ctx.error("meta", f"must be an object, got {type_name(meta)}")
     messages, plain_text = _parse_conversation(record, ctx)
     image_values, image_field = media_values(record, "images", "image", ctx)
@@ -107,7 +102,7 @@ def parse_sample(
         messages=tuple(messages),
         images=tuple(images),
         audios=tuple(audios),
-        root=checker.root_text,
+        root=str(checker.root),
         meta=dict(meta or {}),
     )
 
@@ -138,7 +133,7 @@ def _parse_conversation(record: Mapping[str, Any], ctx: RowContext) -> tuple[lis
     plain_text = key == "conversations"
     for i, turn in enumerate(turns):
         field = f"{key}[{i}]"
-        if not _is_mapping(turn):
+        if not isinstance(turn, Mapping):
             raise ctx.error(field, f"a turn must be an object, got {type_name(turn)}")
         if key == "conversations" and "role" not in turn:
             parsed.append(_parse_sharegpt_turn(turn, field, ctx))
@@ -167,7 +162,7 @@ def parse_message(turn: Mapping[str, Any], field: str, ctx: RowContext) -> tuple
 
 
 def _parse_part(part: Any, field: str, ctx: RowContext) -> Part:
-    if not _is_mapping(part):
+    if not isinstance(part, Mapping):
         raise ctx.error(field, f"a content part must be an object, got {type_name(part)}")
     kind = part.get("type")
     if kind not in PART_TYPES:

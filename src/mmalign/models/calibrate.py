@@ -30,8 +30,14 @@ def first_projector_linear(model: torch.nn.Module, projector_paths: Sequence[str
 
 
 @torch.no_grad()
-def whiten_projector_input(model: Any, processor: Any, images: Sequence[Any], projector_paths: Sequence[str]) -> bool:
+def whiten_projector_input(
+    model: Any, processor: Any, images: Sequence[Any], projector_paths: Sequence[str], *, redraw: bool = False
+) -> bool:
     """Fold per-dimension standardisation of the projector's input into its first linear layer.
+
+    The standardisation folds into the weights, so it compounds if applied twice; ``redraw`` first draws the layer
+    afresh at the model's init scale (for a random-init projector whose input features changed, e.g. after the
+    tower was pretrained).
 
     Args:
         model: a VLM with ``model.model.get_image_features``.
@@ -45,6 +51,11 @@ def whiten_projector_input(model: Any, processor: Any, images: Sequence[Any], pr
     linear = first_projector_linear(model, projector_paths)
     if linear is None or not images:
         return False
+    if redraw:
+        std = getattr(model.config.get_text_config(), "initializer_range", 0.02) or 0.02
+        torch.nn.init.normal_(linear.weight, mean=0.0, std=std)
+        if linear.bias is not None:
+            linear.bias.zero_()
     captured: list[torch.Tensor] = []
     hook = linear.register_forward_pre_hook(lambda _m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
     try:

@@ -59,6 +59,13 @@ def _loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], per: str
     return nll.sum(), nll.sum().item()
 
 
+def _n_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (not padding) tokens of a batch, packed or not."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int((batch["sample_index"] >= 0).sum())
+
+
 def _targets_per_sample(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Labelled tokens of each sample of a batch (packed or not)."""
     mask = batch["labels"][:, 1:] != IGNORE_INDEX
@@ -140,8 +147,8 @@ def train(cfg: TrainConfig) -> Path:
         n_total = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum").item())
         step_loss = 0.0
         for micro, batch in enumerate(micro_batches):
-            n_real = int((batch["sample_index"] >= 0).sum()) if "sample_index" in batch else 0
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            tokens_seen += _n_tokens(batch)
             sync = micro == len(micro_batches) - 1
             ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
             with ctx:
@@ -149,7 +156,6 @@ def train(cfg: TrainConfig) -> Path:
                 # DDP averages gradients over processes; scale so the result is the global mean.
                 accelerator.backward(numerator * accelerator.num_processes / max(1, n_total))
             step_loss += nll_sum
-            tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch else n_real
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -24,18 +24,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import Field
 
 from mmalign.config import TrainConfig, dump_config
 from mmalign.errors import DataError
-from mmalign.models.calibrate import first_projector_linear, whiten_projector_input
+from mmalign.models.calibrate import whiten_projector_input
 from mmalign.models.load import load_model
 from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.checkpoint import save_model_atomic
 from mmalign.runtime.metrics import MetricsLog
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
+from mmalign.types import ImageRef
 from mmalign.world.config import WorldConfig, load_world_config
 from mmalign.world.scenes import SCENES_JSONL, Scene
 
@@ -158,27 +158,12 @@ def train(cfg: VisionConfig) -> Path:
         log.info("held-out cell accuracy: %s", ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
     metrics.close()
     if cfg.calibrate_projector:
-        _reinit_first_projector_linear(loaded.model, loaded.family.projector_modules)
         calib = [_open(world_dir, s) for s in train_scenes[: cfg.calibration_images]]
-        whiten_projector_input(loaded.model, loaded.processor, calib, loaded.family.projector_modules)
+        whiten_projector_input(loaded.model, loaded.processor, calib, loaded.family.projector_modules, redraw=True)
     for p in loaded.model.parameters():
         p.requires_grad_(True)
     (out / "held_out.json").write_text(json.dumps(held_out, indent=2) + "\n")
     return save_model_atomic(loaded.model, loaded.processor, out / "model")
-
-
-def _reinit_first_projector_linear(model: Any, projector_paths: Sequence[str]) -> None:
-    """Draw the projector's first layer afresh (the model's init scale) before standardising it on the new features:
-    standardisation folds into the weights, so applying it to a layer already standardised on the old tower's
-    features would compound the two. Only meant for random-init models, whose projector has learned nothing."""
-    linear = first_projector_linear(model, projector_paths)
-    if linear is None:
-        return
-    std = getattr(model.config.get_text_config(), "initializer_range", 0.02) or 0.02
-    with torch.no_grad():
-        torch.nn.init.normal_(linear.weight, mean=0.0, std=std)
-        if linear.bias is not None:
-            linear.bias.zero_()
 
 
 def _accuracy(
@@ -262,9 +247,8 @@ def _tower(model: Any) -> tuple[torch.nn.Module, Any]:
     return tower, select
 
 
-def _open(world_dir: Path, scene: Scene) -> Image.Image:
-    with Image.open(world_dir / scene.image) as im:
-        return im.convert("RGB")
+def _open(world_dir: Path, scene: Scene) -> Any:  # PIL image
+    return ImageRef(path=scene.image).open(world_dir)
 
 
 def _pixels(processor: Any, world_dir: Path, scenes: list[Scene]) -> torch.Tensor:

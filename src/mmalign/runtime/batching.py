@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -49,21 +49,6 @@ def _grouped_epoch(lengths: Sequence[int], global_batch: int, group: int, seed: 
     return tuple(out)
 
 
-_cached_grouped_epoch = lru_cache(maxsize=4)(_grouped_epoch)
-
-
-def _grouped_slice(
-    n: int, batch_size: int, micro_step: int, rank: int, world: int, epoch_order: Callable[[int], tuple[int, ...]]
-) -> list[int]:
-    global_batch = batch_size * world
-    per_epoch = n // global_batch
-    if per_epoch == 0:
-        raise ValueError(f"length grouping needs a full batch of {global_batch} examples, got {n}")
-    epoch, b = divmod(micro_step, per_epoch)
-    start = b * global_batch + rank * batch_size
-    return list(epoch_order(epoch)[start : start + batch_size])
-
-
 def length_grouped_indices(
     lengths: Sequence[int],
     batch_size: int,
@@ -84,24 +69,15 @@ def length_grouped_indices(
         lengths: a length (any monotone proxy: characters, tokens) per example.
         group: global batches per sorted chunk; larger pads less but orders the data less randomly.
     """
-    key = tuple(lengths)
-    return _grouped_slice(
-        len(key),
-        batch_size,
-        micro_step,
-        rank,
-        world,
-        lambda epoch: _cached_grouped_epoch(key, batch_size * world, group, seed, epoch),
-    )
+    return Batches(len(lengths), batch_size, seed, rank, world, tuple(lengths), group)(micro_step)
 
 
 @dataclass(frozen=True)
 class Batches:
     """The batch order of one run and process: ``batches(micro_step)`` gives that micro-step's example indices.
 
-    With ``lengths`` set, batches are grouped by length (the order of ``length_grouped_indices``; each epoch's
-    order is built once per run and kept, not looked up by the lengths on every step); otherwise plain seeded
-    epochs (``batch_indices``).
+    With ``lengths`` set, batches are grouped by length (the order ``length_grouped_indices`` documents; each
+    epoch's order is built once and kept); otherwise plain seeded epochs (``batch_indices``).
     """
 
     n: int
@@ -131,4 +107,10 @@ class Batches:
         r = self.rank if rank is None else rank
         if self.lengths is None:
             return batch_indices(self.n, self.batch_size, micro_step, self.seed, r, self.world)
-        return _grouped_slice(self.n, self.batch_size, micro_step, r, self.world, self._epoch_order)
+        global_batch = self.batch_size * self.world
+        per_epoch = self.n // global_batch
+        if per_epoch == 0:
+            raise ValueError(f"length grouping needs a full batch of {global_batch} examples, got {self.n}")
+        epoch, b = divmod(micro_step, per_epoch)
+        start = b * global_batch + r * self.batch_size
+        return list(self._epoch_order(epoch)[start : start + self.batch_size])

@@ -162,3 +162,24 @@ def test_lora_dpo_uses_the_shared_forward_and_saves_an_adapter(
     assert rows[-1]["rewards/margins"] > 0
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "lora" / "model" / "model.safetensors").exists()
+
+
+def test_filled_reference_cache_serves_dpo_and_mdpo_unchanged(
+    llava_dir: Path, pairs_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Scored inside a run, the cache holds exactly what fill_reference_cache writes beforehand.
+    inside = tmp_path / "inside"
+    _run(llava_dir, pairs_file, tmp_path / "scored", "steps=4", f"ref_cache_dir={inside}")
+    ahead = tmp_path / "ahead"
+    overrides = ["steps=4", "batch_size=4", "max_samples=8", "progress=false", f"ref_cache_dir={ahead}"]
+    flags = {"model": str(llava_dir), "data": str(pairs_file), "out": str(tmp_path / "unused")}
+    dpo.fill_reference_cache(load_config(DpoConfig, flags=flags, overrides=overrides))
+    [want], [got] = list(inside.glob("*.safetensors")), list(ahead.glob("*.safetensors"))
+    assert got.name == want.name and got.read_bytes() == want.read_bytes()
+    assert not (tmp_path / "unused" / "model").exists()  # nothing trained
+    # DPO and mDPO on the same data then score nothing themselves.
+    caplog.set_level("INFO", logger="mmalign.runtime.refcache")
+    for loss in ("dpo", "mdpo"):
+        _run(llava_dir, pairs_file, tmp_path / loss, "steps=4", f"loss={loss}", f"ref_cache_dir={ahead}")
+    assert not [r for r in caplog.records if "scoring" in r.getMessage()]
+    assert got.read_bytes() == want.read_bytes()

@@ -167,10 +167,21 @@ def evaluate_sft(model_dir: Path, world: Path, out: Path, max_new_tokens: int) -
     return results, timings
 
 
+def fill_reference(name: str, flags: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Fill the on-disk reference log-prob cache of the DPO run ``flags``/``overrides`` describe (no training);
+    returns (nothing, its seconds)."""
+    from mmalign.config import load_config
+    from mmalign.recipes.dpo import DpoConfig, fill_reference_cache
+
+    timings: dict[str, float] = {}
+    _timed(timings, name, lambda: fill_reference_cache(load_config(DpoConfig, flags=flags, overrides=overrides)))
+    return {}, timings
+
+
 def _job(kind: str, *args: Any) -> tuple[dict[str, Any], dict[str, float]]:
-    """One side-by-side job of the demo (picklable): a preference run with its evaluation, or the SFT model's
-    evaluation."""
-    return {"train": train_and_evaluate, "evaluate": evaluate_sft}[kind](*args)
+    """One side-by-side job of the demo (picklable): a preference run with its evaluation, the SFT model's
+    evaluation, or the reference log-probs that two preference runs share."""
+    return {"train": train_and_evaluate, "evaluate": evaluate_sft, "reference": fill_reference}[kind](*args)
 
 
 def _alignment_stage(
@@ -194,7 +205,7 @@ def _alignment_stage(
     _timed(timings, "world pairs", lambda: write_world_pairs(world, pairs, seed=seed, kinds=PAIR_KINDS))
     # Same freezing as the world model's SFT: the decoder learns, the vision path stays as it is.
     freeze = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false"]
-    jobs: dict[str, tuple[Any, ...]] = {}
+    runs: dict[str, tuple[Any, ...]] = {}
     for name, overrides in ALIGNMENT_RUNS.items():
         flags = {
             "model": str(sft_model),
@@ -210,11 +221,18 @@ def _alignment_stage(
             "group_by_length": profile.group_by_length,
             "progress": processes <= 1,
         }
-        jobs[name] = ("train", "dpo", name, flags, [*freeze, *overrides], world, profile.chair_max_new_tokens)
-    # Last: the pool's first free process takes it while the longer preference runs go on.
+        runs[name] = ("train", "dpo", name, flags, [*freeze, *overrides], world, profile.chair_max_new_tokens)
+    # DPO and mDPO read the same reference log-probs (same model, pairs, batches): one job scores them first, so that
+    # neither run does (side by side, both would). The pool starts jobs in this order: the reference and the run
+    # that needs another reference, then mDPO (the longest) as soon as its reference is there, then DPO, and last
+    # the SFT evaluation, which the first free process takes while the longer runs go on.
+    dpo_flags, dpo_overrides = runs["dpo"][3], runs["dpo"][4]
+    jobs: dict[str, tuple[Any, ...]] = {"reference": ("reference", "reference log-probs", dpo_flags, dpo_overrides)}
+    jobs.update((name, runs[name]) for name in ("dpo_no_image", "mdpo", "dpo"))
     jobs["sft"] = ("evaluate", sft_model, world, out, profile.chair_max_new_tokens)
     t0 = time.perf_counter()
     done = dict(run_side_by_side(_job, jobs, processes))
+    timings.update(done.pop("reference")[1])
     sft_eval, _ = done["sft"]
     timings.update(done.pop("sft")[1])
     results: dict[str, Any] = {}

@@ -89,18 +89,21 @@ def encode_sft(processor: Any, samples: Sequence[Sample], max_length: int | None
     ids = enc["input_ids"]
     lengths = enc["attention_mask"].sum(dim=1).tolist()
     labels = torch.full_like(ids, IGNORE_INDEX)
-    for row, ((text, spans), length) in enumerate(zip(rendered, lengths)):
+    for row, length in enumerate(lengths):
         if max_length is not None and length > max_length:
             raise ValueError(f"sample {samples[row].id!r} has {length} tokens > max_length={max_length}")
-        for start, end in spans:
-            # Count tokens from the end: the text after an assistant span holds no image placeholders in
-            # single-image conversations, so tokenizing it alone gives the same tokens as in context.
-            tail = tok(text[start:], add_special_tokens=False)["input_ids"]
-            n_from_end = len(tok(text[end:], add_special_tokens=False)["input_ids"])
-            a, b = length - len(tail), length - n_from_end
-            if a < 0 or ids[row, a:length].tolist() != tail:
-                raise ValueError(f"sample {samples[row].id!r}: cannot align the assistant turn with its tokens")
-            labels[row, a:b] = ids[row, a:b]
+    # Count tokens from the end: the text after an assistant span holds no image placeholders in single-image
+    # conversations, so tokenizing it alone gives the same tokens as in context. One tokenizer call for all spans.
+    turns = [(row, start, end) for row, (_, spans) in enumerate(rendered) for start, end in spans]
+    pieces = [rendered[row][0][cut:] for row, start, end in turns for cut in (start, end)]
+    tokens = tok(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    for t, (row, _, _) in enumerate(turns):
+        tail, after = tokens[2 * t], tokens[2 * t + 1]
+        length = lengths[row]
+        a, b = length - len(tail), length - len(after)
+        if a < 0 or ids[row, a:length].tolist() != tail:
+            raise ValueError(f"sample {samples[row].id!r}: cannot align the assistant turn with its tokens")
+        labels[row, a:b] = ids[row, a:b]
     enc["labels"] = labels
     return enc
 

@@ -78,11 +78,13 @@ def parse_sample(
     Raises:
         DataError: the first problem found, naming file, row and field.
     """
-    ctx = RowContext(Path(path), row)
+    ctx = RowContext(path if isinstance(path, Path) else Path(path), row)
     if not isinstance(record, Mapping):
         raise ctx.error(None, f"row must be an object, got {type_name(record)}")
     checker = checker or MediaChecker(root)
-    sample_id = parse_id(record.get("id"), ctx, default=f"{ctx.path.stem}-{row}")
+    sample_id = parse_id(record.get("id"), ctx, default=None)
+    if sample_id is None:
+        sample_id = f"{ctx.path.stem}-{row}"
     meta = record.get("meta")
     if meta is not None and not isinstance(meta, Mapping):
         raise ctx.error("meta", f"must be an object, got {type_name(meta)}")
@@ -107,7 +109,7 @@ def parse_sample(
     )
 
 
-def parse_id(value: Any, ctx: RowContext, *, default: str) -> str:
+def parse_id(value: Any, ctx: RowContext, *, default: str | None) -> str | None:
     if value is None:
         return default
     # bool is an int subclass, but an id of True is a data bug, not an id.

@@ -173,6 +173,31 @@ def _pair_logps(
     )
 
 
+def _prepare(cfg: DpoConfig, accelerator: Any) -> tuple[Any, list[PreferencePair], ForwardOptions, Any, Batches]:
+    """The run's data (as loaded, and the pairs it trains on), forward options, model and batch order."""
+    data = load_pairs(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
+    pairs = [_without_images(p) for p in data.pairs] if cfg.drop_images else data.pairs
+    options = ForwardOptions(share_prompt=cfg.share_prompt, response_logits_only=cfg.response_logits_only)
+    loaded = load_model(cfg.model)
+    batches = Batches.for_run(pairs, cfg, accelerator.process_index, accelerator.num_processes)
+    return data, pairs, options, loaded, batches
+
+
+def fill_reference_cache(cfg: DpoConfig) -> None:
+    """Score, without training, the reference log-probs a run with ``cfg`` will read from the on-disk cache.
+
+    Runs that share the reference model, the pairs, the batches and the scoring settings (DPO and mDPO on the same
+    data) share one cache entry; filling it first spares each of them the scoring. The values are the ones the run
+    would score itself (same batches, same order).
+    """
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    _, pairs, options, loaded, batches = _prepare(cfg, accelerator)
+    _reference_cache(accelerator, cfg, pairs, batches, loaded, options)
+
+
 def train(cfg: DpoConfig) -> Path:
     """Run preference optimisation; returns the final model directory (``<out>/model``)."""
     from accelerate.utils import set_seed
@@ -186,11 +211,7 @@ def train(cfg: DpoConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
 
-    data = load_pairs(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
-    pairs = [_without_images(p) for p in data.pairs] if cfg.drop_images else data.pairs
-    options = ForwardOptions(share_prompt=cfg.share_prompt, response_logits_only=cfg.response_logits_only)
-    loaded = load_model(cfg.model)
-    batches = Batches.for_run(pairs, cfg, accelerator.process_index, accelerator.num_processes)
+    data, pairs, options, loaded, batches = _prepare(cfg, accelerator)
     ref_cached = _reference_cache(accelerator, cfg, pairs, batches, loaded, options) if cfg.ref_cache else None
     # Only mDPO's corrupted-image term (its crop changes every step) still needs a live reference beside the cache.
     reference = None

@@ -19,6 +19,7 @@ from mmalign.config import FreezeConfig, TrainConfig, dump_config
 from mmalign.data.collate import IGNORE_INDEX, encode_sft
 from mmalign.data.loaders import load_samples
 from mmalign.data.packing import pack_batch, per_sample_sums
+from mmalign.data.pixel_cache import with_pixel_cache
 from mmalign.errors import ConfigError
 from mmalign.logprobs import sequence_logps, token_logps
 from mmalign.models.load import count_parameters, load_model
@@ -124,10 +125,11 @@ def train(cfg: TrainConfig) -> Path:
             f"pack=true supports LLaVA-style models only; {loaded.family.name} needs its own position ids (pack=false)"
         )
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    encoder = with_pixel_cache(loaded.processor, cfg.pixel_cache_mb << 20)
 
     def encode_micro(m: int) -> dict[str, torch.Tensor]:
         chunk = [samples[i] for i in batches(m)]
-        enc = encode_sft(loaded.processor, chunk, cfg.max_length)
+        enc = encode_sft(encoder, chunk, cfg.max_length)
         if cfg.pack:
             enc = pack_batch(enc, [len(s.images) for s in chunk], pad_id, cfg.pack_length)
         return enc

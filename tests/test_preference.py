@@ -494,3 +494,56 @@ def test_existence_pairs_are_balanced_pope_questions(world: Path) -> None:
         if not present and lone:
             assert shape in {cfg.partner[s] for s in lone}  # the missing partner is the one asked about
     assert {p.meta["source"] for p in pairs} == {"present", "partner", "random"}
+
+
+def test_removed_pairs_show_the_partner_missing_on_a_redrawn_image(world: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from PIL import Image
+
+    from mmalign.world import detailed_caption, load_scenes, load_world_config
+    from mmalign.world.pairs import world_pairs
+    from mmalign.world.render import render_scene
+    from mmalign.world.text import with_article
+
+    own = tmp_path / "world"
+    shutil.copytree(world, own)
+    cfg, vocab = load_world_config(own), ChairVocab.from_file(own / "chair_vocab.json")
+    scenes = {s.image_id: s for s in load_scenes(own, "train")}
+    pairs = world_pairs(own, kinds=("removed", "removed_existence"), per_scene=2, processes=2)
+    removed = [p for p in pairs if p.meta.get("source") == "removed"]
+    assert removed and len(removed) < len(pairs)  # scenes without a complete pair fall back
+    fallback = [p for p in pairs if p.meta.get("source") != "removed"]
+    assert {p.meta["kind"] for p in fallback} <= {"partner", "existence"}
+    labels = set()
+    for pair in removed:
+        scene, gone = scenes[pair.meta["image_id"]], pair.meta["inserted"]
+        partner = pair.meta["partner_of"]
+        assert gone in scene.shapes and partner in scene.shapes and cfg.partner[gone] == partner
+        assert gone not in pair.objects and partner in pair.objects
+        assert set(pair.objects) == set(scene.shapes) - {gone}
+        # The written image is the scene redrawn without the removed shape, nothing else changed.
+        altered = type(scene)(scene.split, scene.index, tuple(o for o in scene.objects if o.shape != gone))
+        drawn = Image.open(own / pair.images[0].path).convert("RGB")
+        assert drawn.tobytes() == render_scene(altered, cfg).tobytes()
+        assert pair.images[0].path.startswith("images/pairs/") and pair.root == str(own)
+        if pair.meta["kind"] == "removed":
+            assert pair.chosen == detailed_caption(altered, cfg) and pair.rejected == detailed_caption(scene, cfg)
+            assert set(extract_mentions(pair.chosen, vocab)) == set(pair.objects)
+            assert set(extract_mentions(pair.rejected, vocab)) - set(pair.objects) == {gone}
+        else:
+            asked = pair.meta["object"]
+            question = f"Is there {with_article(asked)} in the image?"
+            assert pair.prompt == (Message("user", (IMG, Part("text", question))),)
+            want = ("No.", "Yes.") if asked == gone else ("Yes.", "No.")
+            assert asked in (gone, partner) and (pair.chosen, pair.rejected) == want
+            labels.add(pair.meta["label"])
+    assert labels == {"yes", "no"}
+    # Same seed, same pairs and the same image bytes; the pairs load back through the validating loader.
+    before = {p.images[0].path: (own / p.images[0].path).read_bytes() for p in removed}
+    assert world_pairs(own, kinds=("removed", "removed_existence"), per_scene=2) == pairs
+    assert all((own / path).read_bytes() == data for path, data in before.items())
+    from mmalign.world.pairs import write_world_pairs
+
+    write_world_pairs(own, own / "cf.jsonl", kinds=("removed", "removed_existence"), per_scene=2)
+    assert load_pairs(own / "cf.jsonl").pairs == pairs

@@ -35,7 +35,11 @@ def _add_world(sub: Any) -> None:
     pairs.add_argument("--world", required=True, help="world directory written by `mmalign world`")
     pairs.add_argument("--out", required=True, help="output JSONL of preference pairs")
     pairs.add_argument("--per-scene", type=int, default=1)
-    pairs.add_argument("--kinds", default="partner,attribute", help="comma list of: partner, attribute, existence")
+    pairs.add_argument(
+        "--kinds",
+        default="partner,attribute",
+        help="comma list of: partner, attribute, existence, removed, removed_existence (counterfactual images)",
+    )
     pairs.add_argument("--seed", type=int, default=0)
     pairs.set_defaults(func=cmd_world_pairs)
 

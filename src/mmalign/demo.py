@@ -100,11 +100,14 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
 
 # Preference runs after SFT: DPO, mDPO, and DPO with the images removed from the pairs (the mDPO paper's
 # "unconditional preference" diagnostic: if it matches DPO with images, the image is being ignored).
-# Oracle pair kinds (``mmalign.world.pairs``): caption pairs with a planted partner or a swapped attribute, and
-# yes/no questions. Measured on the default SFT model (seed 0), caption pairs alone: CHAIR_i −41%, POPE adversarial
-# F1 0.827 → 0.825; with a third of the pairs yes/no questions: CHAIR_i −46%, adversarial F1 0.828, accuracy
-# 0.801 → 0.815.
-PAIR_KINDS = ("partner", "attribute", "existence")
+# Oracle pair kinds (``mmalign.world.pairs``), a third each: counterfactual images (a scene with both members of a
+# planted pair redrawn without one), with the original caption, which names the missing member, as the rejected
+# reply, or a yes/no question about either member; and captions with a swapped attribute. Measured from the default
+# SFT model (seed 0, DPO / mDPO): POPE adversarial F1 0.833 → 0.882 / 0.872, CHAIR_i −31% / −40%; the earlier mix
+# (partner inserted into the caption, attribute, yes/no on the real image) cut CHAIR_i by 40% / 32% but moved
+# adversarial F1 to 0.827 / 0.828: without an image that shows the partner missing, few pairs teach the model to
+# look for it (a training scene holds both members 90% of the time).
+PAIR_KINDS = ("removed", "attribute", "removed_existence")
 ALIGNMENT_RUNS = {
     "dpo": ["loss=dpo"],
     "mdpo": ["loss=mdpo"],
@@ -202,7 +205,11 @@ def _alignment_stage(
     from mmalign.world.pairs import write_world_pairs
 
     pairs = world / "pairs.jsonl"
-    _timed(timings, "world pairs", lambda: write_world_pairs(world, pairs, seed=seed, kinds=PAIR_KINDS))
+    _timed(
+        timings,
+        "world pairs",
+        lambda: write_world_pairs(world, pairs, seed=seed, kinds=PAIR_KINDS, processes=processes),
+    )
     # Same freezing as the world model's SFT: the decoder learns, the vision path stays as it is.
     freeze = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false"]
     runs: dict[str, tuple[Any, ...]] = {}

@@ -171,10 +171,12 @@ def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
             [
                 "## Preference optimisation on world pairs (after SFT)",
                 "",
-                "Oracle pairs from the training scenes (`mmalign world pairs`), in turn: a detailed caption against "
-                "the same caption with a planted partner inserted, or with an attribute swapped; and a yes/no "
-                "question about a missing partner or a present object against the wrong answer. `dpo_no_image` is "
-                "DPO on the same pairs with the images removed.",
+                "Oracle pairs from the training scenes (`mmalign world pairs --kinds "
+                "removed,attribute,removed_existence`), in turn: a scene holding both members of a planted pair, "
+                "redrawn without one of them, described truthfully against its original caption (which names the "
+                "missing member); a detailed caption against the same caption with an attribute swapped; and, on "
+                "such a redrawn image, a yes/no question about either member against the wrong answer. "
+                "`dpo_no_image` is DPO on the same pairs with the images removed.",
                 "",
                 *alignment_rows(results),
                 "",

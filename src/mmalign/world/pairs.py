@@ -12,6 +12,13 @@ with one error made on purpose:
   about an absent shape (a lone member's missing partner when there is one, else a random absent shape): chosen
   "No.", rejected "Yes."; the other half about a present shape: chosen "Yes.", rejected "No.", so that the pairs
   do not simply teach the model to say no.
+- ``removed`` and ``removed_existence`` (counterfactual images; not in the default kinds): a scene holding both
+  members of a planted pair is re-drawn without one of them, and the new image is written to
+  ``images/pairs/<image id>-<pair number>.png`` in the world. ``removed``: the chosen reply is the new scene's
+  caption, the rejected one the original scene's, which names the removed shape: exactly the hallucination the
+  co-occurrence invites, on an image that shows the partner alone. ``removed_existence``: on the same kind of image,
+  "Is there a <removed shape>?" (chosen "No.") or, half of the time, "Is there a <remaining partner>?" (chosen
+  "Yes."). A scene without a complete pair falls back to ``partner`` / ``existence``.
 
 The rejected caption is regenerated from the altered scene, so it reads as fluently as the true one and
 stays self-consistent (the object count in its first sentence includes the added object). Every choice
@@ -34,7 +41,8 @@ from mmalign.world.scenes import Scene, SceneObject, load_scenes, lone_members
 from mmalign.world.text import detailed_caption
 from mmalign.world.writer import CHAIR_VOCAB_JSON, EVAL_DESCRIBE_PROMPT
 
-KINDS: tuple[str, ...] = ("partner", "attribute", "existence")
+KINDS: tuple[str, ...] = ("partner", "attribute", "existence", "removed", "removed_existence")
+COUNTERFACTUAL_DIR = "images/pairs"
 DEFAULT_KINDS: tuple[str, ...] = ("partner", "attribute")
 SHAPE_SWAP_PROB = 0.25  # share of attribute pairs that swap the shape rather than the colour
 
@@ -46,6 +54,7 @@ def world_pairs(
     per_scene: int = 1,
     kinds: tuple[str, ...] = DEFAULT_KINDS,
     max_scenes: int | None = None,
+    processes: int = 1,
 ) -> list[PreferencePair]:
     """Oracle (chosen = truth, rejected = planted error) pairs over the training scenes of a written world.
 
@@ -56,6 +65,7 @@ def world_pairs(
             len(kinds)]``, so kinds alternate evenly.
         kinds: error kinds to use, from ``KINDS``.
         max_scenes: only the first ``max_scenes`` training scenes (default: all).
+        processes: render the counterfactual images (kinds ``removed*``) in this many processes (same bytes).
 
     Returns:
         The pairs, scene by scene; ``images`` hold the scene's image path relative to ``root`` (the world).
@@ -73,12 +83,20 @@ def world_pairs(
     world_dir = Path(world_dir).absolute()
     cfg = load_world_config(world_dir)
     vocab = ChairVocab.from_file(world_dir / CHAIR_VOCAB_JSON)
-    pairs = []
+    pairs: list[PreferencePair] = []
+    to_render: list[tuple[Scene, str]] = []
     for i, scene in enumerate(load_scenes(world_dir, "train")[:max_scenes]):
         chosen = detailed_caption(scene, cfg)
         for j in range(per_scene):
             kind = kinds[(i * per_scene + j) % len(kinds)]
             rng = random.Random(f"{seed}/pairs/{scene.image_id}/{j}")
+            if kind.startswith("removed"):
+                cut = _remove_partner(scene, cfg, rng)
+                if cut is not None:
+                    pairs.append(_removed_pair(scene, *cut, kind, cfg, rng, j, world_dir, vocab))
+                    to_render.append((cut[0], pairs[-1].images[0].path))
+                    continue
+                kind = "existence" if kind == "removed_existence" else "partner"
             if kind == "existence":
                 pairs.append(_existence_pair(scene, cfg, rng, j, world_dir))
                 continue
@@ -97,6 +115,10 @@ def world_pairs(
                     meta={"method": "oracle", "kind": kind, **info, "image_id": scene.image_id},
                 )
             )
+    if to_render:
+        from mmalign.world.writer import render_images
+
+        render_images(cfg, world_dir, to_render, processes=processes)
     return pairs
 
 
@@ -135,6 +157,53 @@ def _existence_pair(scene: Scene, cfg: WorldConfig, rng: random.Random, j: int, 
             **info,
             "image_id": scene.image_id,
         },
+    )
+
+
+def _remove_partner(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[Scene, dict[str, Any]] | None:
+    """The scene without every object of one planted-pair member whose partner is also present (None if none)."""
+    present = scene.shapes
+    members = [s for s in present if s in cfg.partner and cfg.partner[s] in present]
+    if not members:
+        return None
+    removed = rng.choice(members)
+    kept = tuple(o for o in scene.objects if o.shape != removed)
+    return replace(scene, objects=kept), {"inserted": removed, "source": "removed", "partner_of": cfg.partner[removed]}
+
+
+def _removed_pair(
+    scene: Scene,
+    altered: Scene,
+    info: dict[str, Any],
+    kind: str,
+    cfg: WorldConfig,
+    rng: random.Random,
+    j: int,
+    world_dir: Path,
+    vocab: ChairVocab,
+) -> PreferencePair:
+    """A pair on the counterfactual image of ``altered`` (the caller renders it to ``images[0]``): a caption pair
+    or a yes/no question."""
+    image = f"{COUNTERFACTUAL_DIR}/{scene.image_id}-{j}.png"
+    if kind == "removed":
+        prompt = Message.user(EVAL_DESCRIBE_PROMPT, images=1)
+        chosen, rejected = detailed_caption(altered, cfg), detailed_caption(scene, cfg)
+        _check(altered, chosen, rejected, "partner", info, vocab)
+    elif rng.random() < 0.5:
+        prompt, chosen, rejected = Message.user(existence_question(info["inserted"]), images=1), "No.", "Yes."
+        info = {**info, "object": info["inserted"], "label": "no"}
+    else:
+        prompt, chosen, rejected = Message.user(existence_question(info["partner_of"]), images=1), "Yes.", "No."
+        info = {**info, "object": info["partner_of"], "label": "yes"}
+    return PreferencePair(
+        id=f"{scene.image_id}-{kind}-{j}",
+        prompt=(prompt,),
+        chosen=chosen,
+        rejected=rejected,
+        images=(ImageRef(path=image),),
+        root=str(world_dir),
+        objects=altered.shapes,
+        meta={"method": "oracle", "kind": kind, **info, "image_id": scene.image_id},
     )
 
 

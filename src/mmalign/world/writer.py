@@ -92,9 +92,7 @@ def write_world(cfg: WorldConfig, out: str | Path, progress: bool = True, proces
     """
     out = Path(out)
     train, evals = sample_scenes(cfg, "train"), sample_scenes(cfg, "eval")
-    for split in ("train", "eval"):
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-    _write_images(cfg, out, train + evals, progress, processes)
+    render_images(cfg, out, [(s, s.image) for s in train + evals], progress, processes)
 
     frequency = {"train": object_frequency(train, cfg.shapes), "eval": object_frequency(evals, cfg.shapes)}
     cooc = cooccurrence_matrix(train, cfg.shapes)
@@ -130,20 +128,25 @@ def write_world(cfg: WorldConfig, out: str | Path, progress: bool = True, proces
     )
 
 
-def _render_chunk(cfg: WorldConfig, out: Path, scenes: list[Scene]) -> int:
-    for scene in scenes:
+def _render_chunk(cfg: WorldConfig, out: Path, items: list[tuple[Scene, str]]) -> int:
+    for scene, path in items:
         buf = io.BytesIO()
         render_scene(scene, cfg).save(buf, format="PNG")
-        atomic_write(out / scene.image, buf.getvalue())
-    return len(scenes)
+        atomic_write(out / path, buf.getvalue())
+    return len(items)
 
 
-def _write_images(cfg: WorldConfig, out: Path, scenes: list[Scene], progress: bool, processes: int) -> None:
-    """Render and write every scene's PNG, in chunks, side by side when ``processes`` > 1."""
+def render_images(
+    cfg: WorldConfig, out: Path, items: list[tuple[Scene, str]], progress: bool = False, processes: int = 1
+) -> None:
+    """Render each ``(scene, path)`` to the PNG ``out / path`` (atomically), in chunks, side by side when
+    ``processes`` > 1 (the bytes are the same)."""
+    for folder in {(out / path).parent for _, path in items}:
+        folder.mkdir(parents=True, exist_ok=True)
     chunk = 500
-    chunks = [scenes[i : i + chunk] for i in range(0, len(scenes), chunk)]
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
     # disable=None lets tqdm switch itself off when stderr is not a terminal.
-    bar = tqdm(total=len(scenes), desc="world", unit="scene", disable=None if progress else True)
+    bar = tqdm(total=len(items), desc="world", unit="scene", disable=None if progress else True)
     if processes <= 1 or len(chunks) <= 1:
         for part in chunks:
             bar.update(_render_chunk(cfg, out, part))

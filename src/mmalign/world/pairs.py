@@ -68,7 +68,8 @@ def world_pairs(
         processes: render the counterfactual images (kinds ``removed*``) in this many processes (same bytes).
 
     Returns:
-        The pairs, scene by scene; ``images`` hold the scene's image path relative to ``root`` (the world).
+        The pairs, scene by scene; ``images`` hold the image path relative to ``root`` (the world): the scene's own
+        image, or for ``removed*`` pairs the counterfactual image, rendered before this returns.
 
     Raises:
         ValueError: ``per_scene`` < 1, or ``kinds`` empty or holding an unknown kind.

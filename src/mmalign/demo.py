@@ -212,7 +212,7 @@ def _alignment_stage(
     )
     # Same freezing as the world model's SFT: the decoder learns, the vision path stays as it is.
     freeze = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false"]
-    runs: dict[str, tuple[Any, ...]] = {}
+    runs: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for name, overrides in ALIGNMENT_RUNS.items():
         flags = {
             "model": str(sft_model),
@@ -228,14 +228,14 @@ def _alignment_stage(
             "group_by_length": profile.group_by_length,
             "progress": processes <= 1,
         }
-        runs[name] = ("train", "dpo", name, flags, [*freeze, *overrides], world, profile.chair_max_new_tokens)
+        runs[name] = (flags, [*freeze, *overrides])
     # DPO and mDPO read the same reference log-probs (same model, pairs, batches): one job scores them first, so that
     # neither run does (side by side, both would). The pool starts jobs in this order: the reference and the run
     # that needs another reference, then mDPO (the longest) as soon as its reference is there, then DPO, and last
     # the SFT evaluation, which the first free process takes while the longer runs go on.
-    dpo_flags, dpo_overrides = runs["dpo"][3], runs["dpo"][4]
-    jobs: dict[str, tuple[Any, ...]] = {"reference": ("reference", "reference log-probs", dpo_flags, dpo_overrides)}
-    jobs.update((name, runs[name]) for name in ("dpo_no_image", "mdpo", "dpo"))
+    jobs: dict[str, tuple[Any, ...]] = {"reference": ("reference", "reference log-probs", *runs["dpo"])}
+    for name in ("dpo_no_image", "mdpo", "dpo"):
+        jobs[name] = ("train", "dpo", name, *runs[name], world, profile.chair_max_new_tokens)
     jobs["sft"] = ("evaluate", sft_model, world, out, profile.chair_max_new_tokens)
     t0 = time.perf_counter()
     done = dict(run_side_by_side(_job, jobs, processes))

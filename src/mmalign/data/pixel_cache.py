@@ -17,14 +17,13 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+from PIL import Image
 
 DEFAULT_MAX_BYTES = 1 << 30
 
 
 def _flat(images: Any) -> list[Any] | None:
     """The images of a (possibly nested) list, or None if anything is not a PIL image."""
-    from PIL import Image
-
     if isinstance(images, Image.Image):
         return [images]
     if not isinstance(images, list | tuple):

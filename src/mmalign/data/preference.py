@@ -215,7 +215,7 @@ def _prompt_fields(
     prompt, plain = _prompt(_required(record, "prompt", ctx), "prompt", ctx)
     images, image_field = media_values(record, "images", "image", ctx)
     return _Fields(
-        id=parse_id(record.get("id"), ctx, default=_default_id(ctx)),
+        id=parse_id(record.get("id"), ctx),
         prompt=prompt,
         plain_text=plain,
         images=images,
@@ -237,7 +237,7 @@ def _rlaif_v_fields(record: Mapping[str, Any], ctx: RowContext) -> _Fields:
     raw_id = record.get("id") if record.get("id") is not None else record.get("idx")
     provenance = {k: record[k] for k in RLAIF_V_META if isinstance(record.get(k), str | int | float)}
     return _Fields(
-        id=parse_id(raw_id, ctx, default=_default_id(ctx)),
+        id=parse_id(raw_id, ctx),
         prompt=[Message("user", (Part("text", question),))],
         plain_text=True,
         images=images,
@@ -265,7 +265,7 @@ def _vlfeedback_fields(record: Mapping[str, Any], ctx: RowContext) -> _Fields:
     (best_key, best_text, _, best_model), (worst_key, worst_text, _, worst_model) = scored[best], scored[worst]
     meta = {"source": "vlfeedback", "scores": scores, "chosen_model": best_model, "rejected_model": worst_model}
     return _Fields(
-        id=parse_id(record.get("id"), ctx, default=_default_id(ctx)),
+        id=parse_id(record.get("id"), ctx),
         prompt=prompt,
         plain_text=plain,
         images=images,
@@ -470,10 +470,6 @@ def _meta(value: Any, ctx: RowContext) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ctx.error("meta", f"must be an object, got {type_name(value)}")
     return dict(value)
-
-
-def _default_id(ctx: RowContext) -> str:
-    return f"{ctx.path.stem}-{ctx.row}"
 
 
 # --- writing -------------------------------------------------------------------------------------------

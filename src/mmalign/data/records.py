@@ -82,9 +82,7 @@ def parse_sample(
     if not isinstance(record, Mapping):
         raise ctx.error(None, f"row must be an object, got {type_name(record)}")
     checker = checker or MediaChecker(root)
-    sample_id = parse_id(record.get("id"), ctx, default=None)
-    if sample_id is None:
-        sample_id = f"{ctx.path.stem}-{row}"
+    sample_id = parse_id(record.get("id"), ctx)
     meta = record.get("meta")
     if meta is not None and not isinstance(meta, Mapping):
         raise ctx.error("meta", f"must be an object, got {type_name(meta)}")
@@ -109,9 +107,10 @@ def parse_sample(
     )
 
 
-def parse_id(value: Any, ctx: RowContext, *, default: str | None) -> str | None:
+def parse_id(value: Any, ctx: RowContext) -> str:
+    """The row's id as a string; a row without one gets ``<file stem>-<row>``."""
     if value is None:
-        return default
+        return f"{ctx.path.stem}-{ctx.row}"
     # bool is an int subclass, but an id of True is a data bug, not an id.
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ctx.error("id", f"must be a string or an integer, got {type_name(value)}")

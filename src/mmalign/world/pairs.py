@@ -94,8 +94,9 @@ def world_pairs(
             if kind.startswith("removed"):
                 cut = _remove_partner(scene, cfg, rng)
                 if cut is not None:
-                    pairs.append(_removed_pair(scene, *cut, kind, cfg, rng, j, world_dir, vocab))
-                    to_render.append((cut[0], pairs[-1].images[0].path))
+                    image = f"{COUNTERFACTUAL_DIR}/{scene.image_id}-{j}.png"
+                    pairs.append(_removed_pair(scene, *cut, kind, image, cfg, rng, j, world_dir, vocab))
+                    to_render.append((cut[0], image))
                     continue
                 kind = "existence" if kind == "removed_existence" else "partner"
             if kind == "existence":
@@ -177,15 +178,15 @@ def _removed_pair(
     altered: Scene,
     info: dict[str, Any],
     kind: str,
+    image: str,
     cfg: WorldConfig,
     rng: random.Random,
     j: int,
     world_dir: Path,
     vocab: ChairVocab,
 ) -> PreferencePair:
-    """A pair on the counterfactual image of ``altered`` (the caller renders it to ``images[0]``): a caption pair
-    or a yes/no question."""
-    image = f"{COUNTERFACTUAL_DIR}/{scene.image_id}-{j}.png"
+    """A pair on the counterfactual image of ``altered`` (the caller renders it to ``image``, a path in the world): a
+    caption pair or a yes/no question."""
     if kind == "removed":
         prompt = Message.user(EVAL_DESCRIBE_PROMPT, images=1)
         chosen, rejected = detailed_caption(altered, cfg), detailed_caption(scene, cfg)

@@ -334,3 +334,30 @@ def test_each_image_file_decoded_once(root: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(media, "check_image", lambda source: calls.append(source) or real(source))
     load_samples(write_jsonl(root / "data.jsonl", [good_row(i) for i in range(10)]))
     assert len(calls) == 1
+
+
+def test_unchanged_images_are_not_decoded_again_by_later_loads(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_jsonl(root / "data.jsonl", [good_row(0), good_row(1), _with(images=["images/b.png"])])
+    calls: list[object] = []
+    real = media.check_image
+    monkeypatch.setattr(media, "check_image", lambda source: calls.append(source) or real(source))
+    # Files written a moment ago are decoded but not remembered (their time stamps may not have ticked yet).
+    load_samples(path)
+    load_samples(path)
+    assert len(calls) == 4
+    monkeypatch.setattr(media, "RACY_NS", -1)
+    load_samples(path)  # decodes a.png and b.png, and remembers them
+    calls.clear()
+    assert len(load_samples(path)) == 3
+    assert calls == []
+    # b.png cut in half: its stamp changed, so it is decoded again and refused.
+    image = root / "images" / "b.png"
+    image.write_bytes(image.read_bytes()[:40])
+    with pytest.raises(DataError, match=r"data\.jsonl row 3 field 'images\[0\]'") as info:
+        load_samples(path)
+    assert "unreadable image" in str(info.value)
+    assert calls == [image]
+    # A bad image is never remembered as good.
+    with pytest.raises(DataError):
+        load_samples(path)
+    assert calls == [image, image]

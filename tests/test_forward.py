@@ -103,3 +103,39 @@ def test_unsupported_architecture_falls_back_with_a_warning(caplog: pytest.LogCa
 def test_llava_loaded_for_real_keeps_the_shared_forward(llava_dir: Path) -> None:
     loaded = load_model(llava_dir)
     assert PairScorer(loaded.model).options.share_prompt is True
+
+
+def test_short_and_long_replies_run_as_two_batches_with_the_same_result(model, world_dir: Path) -> None:
+    vlm, processor = model
+    long = "There are two objects. A large blue cross is in the center. A small red star is at the top left."
+    pairs = [
+        PreferencePair(
+            id=f"q{i}",
+            prompt=(Message.user("Is there a star?" if i % 2 else "Describe the image in detail.", images=1),),
+            chosen="No." if i % 2 else long,
+            rejected="Yes." if i % 2 else long.replace("red", "green"),
+            images=(ImageRef(path=f"images/train/{i:06d}.png"),),
+            root=str(world_dir),
+        )
+        for i in range(4)
+    ]
+    enc = encode_pairs(processor, pairs, share_prompt=True)
+    groups = enc.shared.length_groups()
+    if "image_grid_thw" in enc.shared.prompt:  # one tensor of patches for all prompts: never split
+        assert groups is None
+        return
+    assert [g.tolist() for g in groups] == [[1, 3], [0, 2]]
+    results, grads = [], []
+    for options in (ForwardOptions(split_by_length=False), ForwardOptions()):
+        vlm.zero_grad(set_to_none=True)
+        chosen, rejected, len_c, len_r, _ = PairScorer(vlm, options)(enc)
+        (chosen - 0.5 * rejected).sum().backward()
+        results.append((chosen.detach(), rejected.detach(), len_c, len_r))
+        grads.append({n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None})
+    vlm.zero_grad(set_to_none=True)
+    (c1, r1, lc1, lr1), (c2, r2, lc2, lr2) = results
+    assert torch.equal(lc1, lc2) and torch.equal(lr1, lr2) and lc1.tolist()[1] < lc1.tolist()[0]
+    torch.testing.assert_close(c2, c1, atol=1e-4, rtol=0)
+    torch.testing.assert_close(r2, r1, atol=1e-4, rtol=0)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-3, msg=name)

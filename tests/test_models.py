@@ -108,3 +108,20 @@ def test_sft_with_lora_saves_adapter_and_merged_model(llava_dir: Path, world_dir
     ]
     assert changed and all("vision_tower" not in n for n in changed)
     assert any("language_model" in n for n in changed)
+
+
+def test_vocabulary_words_are_those_of_each_text_split_alone() -> None:
+    from mmalign.models.tokenizer import _pre_tokenizer, words_of
+
+    texts = [
+        "A red star, a blue moon.",
+        "user\nIs there a star?\tYes.",
+        "two  spaces and\u00a0no-break\x1cspace",
+        "A red star, a blue moon.",
+        "ünïcode wörds: ok!",
+        "",
+    ]
+    pre = _pre_tokenizer()
+    expected = {tok for text in texts for tok, _ in pre.pre_tokenize_str(text)}
+    assert words_of(texts) == expected
+    assert "▁star" in expected and "?" in expected and "▁Yes" in expected

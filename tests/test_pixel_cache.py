@@ -71,3 +71,37 @@ def test_processor_without_image_processor_or_zero_budget_is_returned_as_is(llav
     loaded = load_model(llava_dir)
     assert with_pixel_cache(loaded.processor, max_bytes=0) is loaded.processor
     assert with_pixel_cache(loaded.tokenizer) is loaded.tokenizer
+
+
+def test_rendered_text_is_remembered_per_template(llava_dir: Path, world_dir: Path) -> None:
+    from mmalign.data.collate import hf_messages, render
+
+    processor = load_model(llava_dir).processor
+    sample = load_samples(world_dir / "sft.jsonl", limit=1).samples[0]
+    want = processor.apply_chat_template(hf_messages(sample.messages), tokenize=False)
+    assert render(processor, sample.messages) == want == render(processor, list(sample.messages))
+    prompt = render(processor, sample.prompt_messages, generation_prompt=True)
+    assert want.startswith(prompt) and prompt != want
+    # Another template on the same processor renders anew.
+    saved = processor.chat_template
+    try:
+        processor.chat_template = "{% for m in messages %}[{{ m['role'] }}]{% endfor %}"
+        assert render(processor, sample.messages) == "[user][assistant]"
+    finally:
+        processor.chat_template = saved
+    assert render(processor, sample.messages) == want
+
+
+def test_decoded_images_follow_changes_of_the_file(tmp_path: Path) -> None:
+    from mmalign.data.collate import DecodedImages
+    from mmalign.types import ImageRef
+
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(tmp_path / "a.png")
+    images, ref = DecodedImages(), ImageRef(path="a.png")
+    first = images.open(ref, str(tmp_path))
+    assert images.open(ref, str(tmp_path)) is first and first.getpixel((0, 0)) == (255, 0, 0)
+    Image.new("RGB", (5, 5), (0, 0, 255)).save(tmp_path / "a.png")
+    assert images.open(ref, str(tmp_path)).getpixel((0, 0)) == (0, 0, 255)
+    # Bounded: an image larger than the budget is decoded every time and never held.
+    small = DecodedImages(max_bytes=10)
+    assert small.open(ref, str(tmp_path)) is not small.open(ref, str(tmp_path))

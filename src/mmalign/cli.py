@@ -41,6 +41,7 @@ def _add_world(sub: Any) -> None:
         help="comma list of: partner, attribute, existence, removed, removed_existence (counterfactual images)",
     )
     pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--max-scenes", type=int, default=None, help="only the first N training scenes (default: all)")
     pairs.set_defaults(func=cmd_world_pairs)
 
 
@@ -53,6 +54,7 @@ def cmd_world_pairs(args: argparse.Namespace) -> int:
         seed=args.seed,
         per_scene=args.per_scene,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+        max_scenes=args.max_scenes,
     )
     print(f"wrote {n} preference pairs to {args.out}")
     return 0

@@ -70,6 +70,11 @@ class DemoProfile:
     # teaches the model to stop early (measured: caption length 27 → 6 words, recall 0.74 → 0.07).
     dpo_rpo_alpha: float = 1.0
 
+    @property
+    def dpo_pairs(self) -> int:
+        """Oracle pairs written for the preference runs: as many as a run visits (one epoch)."""
+        return self.dpo_steps * self.dpo_batch_size
+
     def world_config(self, seed: int) -> WorldConfig:
         """The world this profile trains and evaluates on."""
         return WorldConfig(
@@ -208,7 +213,9 @@ def _alignment_stage(
     _timed(
         timings,
         "world pairs",
-        lambda: write_world_pairs(world, pairs, seed=seed, kinds=PAIR_KINDS, processes=processes),
+        lambda: write_world_pairs(
+            world, pairs, seed=seed, kinds=PAIR_KINDS, max_scenes=profile.dpo_pairs, processes=processes
+        ),
     )
     # Same freezing as the world model's SFT: the decoder learns, the vision path stays as it is.
     freeze = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false"]

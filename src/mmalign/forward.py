@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # Model types whose decoder is a plain causal LM with 1-D rotary positions, or Qwen2-VL's 3-D M-RoPE.
 ROPE_1D = frozenset({"llava", "idefics3"})
 ROPE_3D = frozenset({"qwen2_vl", "qwen2_5_vl"})
+SPLIT_MIN_SAVING = 0.2
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,14 @@ class ForwardOptions:
     Attributes:
         share_prompt: encode the prompt and its images once and continue every reply from its cache.
         response_logits_only: apply the LM head only at positions that predict a reply token.
+        split_by_length: with the shared prompt, run the prompts with short replies and those with long ones as two
+            batches when that spares at least ``SPLIT_MIN_SAVING`` of the padded reply positions (a batch mixing
+            yes/no answers with captions pads every "No." to the longest caption).
     """
 
     share_prompt: bool = True
     response_logits_only: bool = True
+    split_by_length: bool = True
 
 
 @dataclass
@@ -76,6 +81,42 @@ class Continuations:
             self.reply_mask.to(device),
             self.k,
         )
+
+    def select(self, prompts: torch.Tensor) -> Continuations:
+        """The prompts at indices ``prompts`` with their replies, reply columns cut to the longest kept reply.
+
+        Only for prompt inputs with one row per prompt in every tensor (``length_groups`` checks).
+        """
+        rows = reply_rows(prompts, self.k)
+        mask = self.reply_mask[rows]
+        width = max(1, int(mask.sum(-1).max()))
+        return Continuations(
+            {key: v[prompts] for key, v in self.prompt.items()}, self.replies[rows, :width], mask[:, :width], self.k
+        )
+
+    def length_groups(self) -> list[torch.Tensor] | None:
+        """Prompt indices of a short-reply and a long-reply group, or None when one batch wastes little.
+
+        The split point minimises the padded reply positions of the two groups; it is taken only when that spares
+        at least ``SPLIT_MIN_SAVING`` of the single batch's positions. Prompts whose tensors do not have one row per
+        prompt (image patches of several prompts in one tensor, as Qwen2-VL's) are never split.
+        """
+        n = self.prompt["input_ids"].shape[0]
+        if n < 2 or any(v.shape[0] != n for v in self.prompt.values()):
+            return None
+        longest = self.reply_mask.sum(-1).view(n, self.k).amax(-1)
+        order = torch.argsort(longest, stable=True)
+        ranked = longest[order].tolist()
+        single = n * ranked[-1]
+        cost, split = min(((s * ranked[s - 1] + (n - s) * ranked[-1], s) for s in range(1, n)), key=lambda c: c[0])
+        if cost > (1 - SPLIT_MIN_SAVING) * single:
+            return None
+        return [order[:split], order[split:]]
+
+
+def reply_rows(prompts: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of the replies of the prompts at indices ``prompts`` (``k`` consecutive rows per prompt)."""
+    return (prompts.unsqueeze(-1) * k + torch.arange(k, device=prompts.device)).reshape(-1)
 
 
 def _tokenizer(processor: Any) -> Any:
@@ -107,16 +148,18 @@ def encode_continuations(
     groups = [s.load_images() for s in prompts]
     enc = processor_inputs(processor, prefixes, groups if any(groups) else None, padding_side="left")
     prompt_lens = enc["attention_mask"].sum(-1).tolist()
-    rows: list[list[int]] = []
-    for sample, prefix, texts, p_len in zip(prompts, prefixes, replies, prompt_lens):
+    tails: list[str] = []
+    for sample, prefix, texts in zip(prompts, prefixes, replies):
         for text in texts:
             full = render(processor, (*sample.messages, Message.assistant(text)))
             if not full.startswith(prefix):
                 raise ValueError("chat template is not prefix-stable; cannot split prompt and reply")
-            ids = tok(full[len(prefix) :], add_special_tokens=False)["input_ids"]
-            if max_length is not None and p_len + len(ids) > max_length:
-                raise ValueError(f"sample {sample.id!r} has {p_len + len(ids)} tokens > max_length={max_length}")
-            rows.append(ids)
+            tails.append(full[len(prefix) :])
+    rows: list[list[int]] = tok(tails, add_special_tokens=False)["input_ids"]  # one call for every reply
+    for i, ids in enumerate(rows):
+        sample, p_len = prompts[i // k], prompt_lens[i // k]
+        if max_length is not None and p_len + len(ids) > max_length:
+            raise ValueError(f"sample {sample.id!r} has {p_len + len(ids)} tokens > max_length={max_length}")
     width = max(1, max(len(r) for r in rows))
     replies_t = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -187,6 +230,20 @@ def continuation_logps(
 
     ``model`` must pass ``unsupported_reason`` (check first; ``score_pairs`` does).
     """
+    groups = batch.length_groups() if options.split_by_length else None
+    if groups is not None:
+        sums = torch.zeros(batch.replies.shape[0], device=batch.replies.device)
+        counts = torch.zeros(batch.replies.shape[0], dtype=torch.long, device=batch.replies.device)
+        for prompts in groups:
+            rows = reply_rows(prompts, batch.k)
+            part_sums, part_counts = _continuation_logps(model, batch.select(prompts), options)
+            sums = sums.index_copy(0, rows, part_sums.to(sums.dtype))
+            counts[rows] = part_counts
+        return sums, counts
+    return _continuation_logps(model, batch, options)
+
+
+def _continuation_logps(model: Any, batch: Continuations, options: ForwardOptions) -> tuple[torch.Tensor, torch.Tensor]:
     inner = inner_model(model)
     base, lm_head = inner.model, inner.lm_head
     model_type = inner.config.model_type

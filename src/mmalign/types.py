@@ -65,6 +65,15 @@ class ImageRef:
     path: str | None = None
     data: bytes | None = None
 
+    def file(self, root: str | Path | None = None) -> Path | None:
+        """The file the image is read from (``path`` resolved against ``root``), or None for an image in bytes."""
+        if self.data is not None or self.path is None:
+            return None
+        p = Path(self.path)
+        if root is not None and not p.is_absolute():
+            p = Path(root) / p
+        return p
+
     def open(self, root: str | Path | None = None):  # -> PIL.Image.Image
         """Decode the image to RGB. Raises ``OSError``/``ValueError`` on unreadable data."""
         from PIL import Image
@@ -72,10 +81,7 @@ class ImageRef:
         if self.data is not None:
             img = Image.open(io.BytesIO(self.data))
         elif self.path is not None:
-            p = Path(self.path)
-            if root is not None and not p.is_absolute():
-                p = Path(root) / p
-            img = Image.open(p)
+            img = Image.open(self.file(root))
         else:
             raise ValueError("ImageRef has neither path nor data")
         img.load()

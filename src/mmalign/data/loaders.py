@@ -153,7 +153,8 @@ def open_source(
     root_dir = Path(root) if root is not None else (path if kind == "hf" else path.parent)
     if not root_dir.is_dir():
         raise DataError(path, None, None, f"data set root is not a directory: {root_dir}")
-    return Source(path=path, kind=kind, root=root_dir, checker=MediaChecker(root_dir, decode=check_images))
+    checker = MediaChecker(root_dir, decode=check_images, remember=True)
+    return Source(path=path, kind=kind, root=root_dir, checker=checker)
 
 
 def collect_rows(
@@ -188,6 +189,7 @@ def collect_rows(
                 reasons.append(str(err))
         if limit is not None and len(items) >= limit:
             break
+    source.checker.save()
     return items, skipped, reasons
 
 

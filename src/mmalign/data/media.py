@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import hashlib
 import io
 import os
+import time
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from PIL import Image
+
+from mmalign.cachedir import cache_root
 
 
 class MediaError(ValueError):
@@ -84,8 +90,10 @@ def media_source(value: Any) -> tuple[str | None, bytes | None]:
 _UNSEEN = object()
 
 
-def _is_within(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+def _is_within(path: str | Path, root: Path) -> bool:
+    """Whether normalised absolute ``path`` is ``root`` or below it (on the strings: ``Path.parents`` is slow)."""
+    p, r = str(path), str(root)
+    return p == r or p.startswith(r if r.endswith(os.sep) else r + os.sep)
 
 
 def resolve_in_root(path: str, root: Path) -> Path:
@@ -104,9 +112,9 @@ def resolve_in_root(path: str, root: Path) -> Path:
     Raises:
         MediaError: the path points outside ``root``.
     """
-    full = Path(os.path.normpath(root / path))
-    if _is_within(full, root) or _is_within(full.resolve(), root.resolve()):
-        return full
+    full = os.path.normpath(os.path.join(root, path))
+    if _is_within(full, root) or _is_within(Path(full).resolve(), root.resolve()):
+        return Path(full)
     raise MediaError(f"path escapes the data set root {root}: {path}")
 
 
@@ -123,19 +131,89 @@ def check_image(source: Path | bytes) -> None:
         raise MediaError(f"unreadable image: {err}") from None
 
 
+FileStamp = tuple[int, int, int, int]  # size, modification and change times (ns), inode
+RACY_NS = 2_000_000_000
+
+
+def file_stamp(stat: os.stat_result) -> FileStamp:
+    """What changes whenever a file's content may have changed (the change time cannot be set back by a user)."""
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+
+class CheckedImages:
+    """Image files of one data set root known to decode, with the stamp each had then, kept in the cache directory.
+
+    Decoding every image is the load's own validation, and the slow part of loading an image data set (the default
+    world: 20,000 PNGs, 5 s of a 24 s load); a file whose stamp is unchanged since it last decoded is not decoded
+    again. ``save`` merges with what other processes wrote meanwhile and replaces the file atomically.
+    """
+
+    def __init__(self, root: Path, directory: Path | None = None) -> None:
+        name = hashlib.sha256(str(root).encode()).hexdigest()[:32]
+        self.file = (directory or cache_root() / "checked_images") / f"{name}.tsv"
+        self._known = self._read()
+        self._new: dict[str, FileStamp] = {}
+
+    def _read(self) -> dict[str, FileStamp]:
+        known: dict[str, FileStamp] = {}
+        try:
+            lines = self.file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return known
+        for line in lines:
+            *name, size, mtime, ctime, inode = line.split("\t")
+            with contextlib.suppress(ValueError):
+                known["\t".join(name)] = (int(size), int(mtime), int(ctime), int(inode))
+        return known
+
+    def is_known(self, path: Path, stamp: FileStamp) -> bool:
+        return self._known.get(str(path)) == stamp
+
+    def add(self, path: Path, stamp: FileStamp) -> None:
+        """Remember a file that decoded, unless it changed too recently: file times tick in steps of a few
+        milliseconds, so a file rewritten with the same size right after it was checked could keep its stamp."""
+        if time.time_ns() - max(stamp[1], stamp[2]) > RACY_NS:
+            self._known[str(path)] = self._new[str(path)] = stamp
+
+    def save(self) -> None:
+        """Write the images learned since the last save (nothing to do, or a cache that cannot be written, is
+        not an error: the next load decodes again)."""
+        if not self._new:
+            return
+        merged = {**self._read(), **self._new}
+        text = "".join(f"{name}\t" + "\t".join(map(str, stamp)) + "\n" for name, stamp in merged.items())
+        tmp = self.file.with_name(f"{self.file.name}.tmp{os.getpid()}")
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, self.file)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return
+        self._new.clear()
+
+
 class MediaChecker:
     """Checks the media of one data set, decoding each distinct image file once.
 
     Args:
         root: the data set root that relative paths resolve against.
         decode: decode images fully; when false only path containment and existence are checked.
+        remember: skip decoding image files that decoded before and are unchanged since (``CheckedImages``;
+            call ``save`` after the load).
     """
 
-    def __init__(self, root: str | Path, *, decode: bool = True) -> None:
+    def __init__(self, root: str | Path, *, decode: bool = True, remember: bool = False) -> None:
         self.root = Path(os.path.abspath(root))
         self.decode = decode
+        self._checked = CheckedImages(self.root) if decode and remember else None
         self._files: dict[tuple[Path, str], str | None] = {}  # (path, kind) -> failure reason or None
         self._paths: dict[tuple[str, str], str | None] = {}  # the same, keyed by the path as written
+
+    def save(self) -> None:
+        """Keep the images this checker decoded for later loads (when made with ``remember``)."""
+        if self._checked is not None:
+            self._checked.save()
 
     def check_path(self, path: str, *, kind: str = "image") -> None:
         """Check a media path: inside the root, an existing file and (images) decodable.
@@ -172,11 +250,20 @@ class MediaChecker:
             check_image(data)
 
     def _file_problem(self, full: Path, written: str, kind: str) -> str | None:
-        if not full.is_file():
+        try:
+            stat = full.stat()
+        except OSError:
+            stat = None
+        if stat is None or not S_ISREG(stat.st_mode):
             return f"{kind} file not found: {written}"
         if kind == "image" and self.decode:
+            stamp = file_stamp(stat)
+            if self._checked is not None and self._checked.is_known(full, stamp):
+                return None
             try:
                 check_image(full)
             except MediaError as err:
                 return f"{err} ({written})"
+            if self._checked is not None:
+                self._checked.add(full, stamp)
         return None

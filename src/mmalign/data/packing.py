@@ -73,26 +73,34 @@ def pack_batch(
         raise ValueError("packing needs right-padded rows")
     capacity = max(row_length, max(lengths))
     rows = pack_rows(lengths, capacity)
-    width = max(sum(lengths[i] for i in row) for row in rows)
+    fill = [sum(lengths[i] for i in row) for row in rows]
+    width = max(fill)
+    # Every sample's tokens, in batch order, go to consecutive cells of the flattened [R, width] output starting at
+    # the cell where its row places it: one scatter per tensor instead of a copy per sample.
+    order = [i for row in rows for i in row]
+    start = [0] * len(lengths)
+    for r, row in enumerate(rows):
+        at = r * width
+        for i in row:
+            start[i] = at
+            at += lengths[i]
+    counts = torch.tensor(lengths)
+    first = torch.cumsum(counts, 0) - counts  # each sample's first token among all real tokens
+    offset = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
+    cells = torch.repeat_interleave(torch.tensor(start), counts) + offset
     ids = torch.full((len(rows), width), pad_id, dtype=enc["input_ids"].dtype)
     labels = torch.full_like(ids, IGNORE_INDEX)
-    positions = torch.zeros_like(ids)
     owner = torch.full_like(ids, -1)
-    order: list[int] = []
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            n = lengths[i]
-            ids[r, at : at + n] = enc["input_ids"][i, :n]
-            labels[r, at : at + n] = enc["labels"][i, :n]
-            # A padded row never scores its first token; neither may the previous sample's last token here.
-            labels[r, at] = IGNORE_INDEX
-            positions[r, at : at + n] = torch.arange(n)
-            owner[r, at : at + n] = i
-            at += n
-            order.append(i)
-        # Padding continues as its own run of positions, so it is a separate (ignored) block of the mask.
-        positions[r, at:] = torch.arange(width - at)
+    ids.view(-1)[cells] = enc["input_ids"][mask]
+    labels.view(-1)[cells] = enc["labels"][mask]
+    # A padded row never scores its first token; neither may the previous sample's last token here.
+    labels.view(-1)[torch.tensor(start)] = IGNORE_INDEX
+    owner.view(-1)[cells] = torch.repeat_interleave(torch.arange(len(lengths)), counts).to(owner.dtype)
+    # Positions restart at 0 for every sample; padding continues as its own run of positions, so it is a separate
+    # (ignored) block of the mask.
+    column = torch.arange(width).expand(len(rows), width)
+    positions = (column - torch.tensor(fill)[:, None]).to(ids.dtype)
+    positions.view(-1)[cells] = offset.to(ids.dtype)
     out = {"input_ids": ids, "labels": labels, "position_ids": positions, "sample_index": owner}
     if "pixel_values" in enc:
         starts = [0]

@@ -79,12 +79,12 @@ def parse_sample(
         DataError: the first problem found, naming file, row and field.
     """
     ctx = RowContext(path if isinstance(path, Path) else Path(path), row)
-    if not isinstance(record, Mapping):
+    if type(record) is not dict and not isinstance(record, Mapping):
         raise ctx.error(None, f"row must be an object, got {type_name(record)}")
     checker = checker or MediaChecker(root)
     sample_id = parse_id(record.get("id"), ctx)
     meta = record.get("meta")
-    if meta is not None and not isinstance(meta, Mapping):
+    if meta is not None and type(meta) is not dict and not isinstance(meta, Mapping):
         raise ctx.error("meta", f"must be an object, got {type_name(meta)}")
     messages, plain_text = _parse_conversation(record, ctx)
     image_values, image_field = media_values(record, "images", "image", ctx)
@@ -134,7 +134,7 @@ def _parse_conversation(record: Mapping[str, Any], ctx: RowContext) -> tuple[lis
     plain_text = key == "conversations"
     for i, turn in enumerate(turns):
         field = f"{key}[{i}]"
-        if not isinstance(turn, Mapping):
+        if type(turn) is not dict and not isinstance(turn, Mapping):
             raise ctx.error(field, f"a turn must be an object, got {type_name(turn)}")
         if key == "conversations" and "role" not in turn:
             parsed.append(_parse_sharegpt_turn(turn, field, ctx))
@@ -158,22 +158,28 @@ def parse_message(turn: Mapping[str, Any], field: str, ctx: RowContext) -> tuple
         raise ctx.error(f"{field}.content", f"must be a string or a list of parts, got {type_name(content)}")
     if not content:
         raise ctx.error(f"{field}.content", "empty content")
-    parts = tuple(_parse_part(part, f"{field}.content[{j}]", ctx) for j, part in enumerate(content))
+    parts = tuple(_parse_part(part, field, j, ctx) for j, part in enumerate(content))
     return Message(role, parts), False
 
 
-def _parse_part(part: Any, field: str, ctx: RowContext) -> Part:
-    if not isinstance(part, Mapping):
-        raise ctx.error(field, f"a content part must be an object, got {type_name(part)}")
+_MEDIA_PARTS = {kind: Part(kind) for kind in PART_TYPES if kind != "text"}  # records are immutable: share them
+
+
+def _parse_part(part: Any, field: str, j: int, ctx: RowContext) -> Part:
+    """Part ``j`` of the content at ``field`` (the field names are only spelled out for an error)."""
+    if type(part) is not dict and not isinstance(part, Mapping):
+        raise ctx.error(f"{field}.content[{j}]", f"a content part must be an object, got {type_name(part)}")
     kind = part.get("type")
-    if kind not in PART_TYPES:
-        raise ctx.error(f"{field}.type", f"unknown part type {kind!r} (expected one of {', '.join(PART_TYPES)})")
-    if kind != "text":
-        return Part(kind)
-    text = part.get("text")
-    if not isinstance(text, str):
-        raise ctx.error(f"{field}.text", f"a text part needs a string 'text', got {type_name(text)}")
-    return Part("text", text)
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ctx.error(f"{field}.content[{j}].text", f"a text part needs a string 'text', got {type_name(text)}")
+        return Part("text", text)
+    media = _MEDIA_PARTS.get(kind) if isinstance(kind, str) else None
+    if media is None:
+        expected = ", ".join(PART_TYPES)
+        raise ctx.error(f"{field}.content[{j}].type", f"unknown part type {kind!r} (expected one of {expected})")
+    return media
 
 
 def _parse_sharegpt_turn(turn: Mapping[str, Any], field: str, ctx: RowContext) -> Message:

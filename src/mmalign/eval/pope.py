@@ -76,6 +76,25 @@ def question_samples(pope: PopeSet, suffix: str = "") -> list[Sample]:
     ]
 
 
+def answer_samples(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    *,
+    method: Literal["logits", "generate"] = "logits",
+    batch_size: int = 32,
+    desc: str = "POPE",
+    progress: bool = True,
+) -> list[str]:
+    """Answer yes/no question prompts: ``Yes``/``No`` from the logit margin, or greedy text."""
+    if method == "logits":
+        margins = yes_no_logits(model, processor, samples, batch_size=batch_size, desc=desc, progress=progress)
+        return ["Yes" if m > 0 else "No" for m in margins]
+    return generate_answers(
+        model, processor, samples, max_new_tokens=8, batch_size=batch_size, desc=desc, progress=progress
+    )
+
+
 def answer_pope(
     model: Any,
     processor: Any,
@@ -86,21 +105,10 @@ def answer_pope(
     batch_size: int = 32,
     progress: bool = True,
 ) -> list[str]:
-    """Answer every question: ``Yes``/``No`` from the logit margin, or greedy text."""
+    """Answer every question of one split."""
     samples = question_samples(pope, suffix)
-    if method == "logits":
-        margins = yes_no_logits(
-            model, processor, samples, batch_size=batch_size, desc=f"POPE {pope.split}", progress=progress
-        )
-        return ["Yes" if m > 0 else "No" for m in margins]
-    return generate_answers(
-        model,
-        processor,
-        samples,
-        max_new_tokens=8,
-        batch_size=batch_size,
-        desc=f"POPE {pope.split}",
-        progress=progress,
+    return answer_samples(
+        model, processor, samples, method=method, batch_size=batch_size, desc=f"POPE {pope.split}", progress=progress
     )
 
 
@@ -115,13 +123,26 @@ def evaluate_pope(
     answers_out: Path | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Score each split; optionally write the answers as JSONL (LLaVA answer-file format)."""
+    """Score each split; optionally write the answers as JSONL (LLaVA answer-file format).
+
+    The splits share most of their questions (every split asks about the same present objects, and popular and
+    adversarial negatives often coincide: the default world's 2,628 questions are 1,158 distinct ones), so each
+    distinct question (same image, same text) is asked once and its answer used wherever it occurs.
+    """
+    per_set = [question_samples(pope, suffix) for pope in sets]
+    index: dict[tuple[Any, ...], int] = {}
+    distinct: list[Sample] = []
+    for samples in per_set:
+        for sample in samples:
+            key = (sample.root, sample.images, sample.messages)
+            if key not in index:
+                index[key] = len(distinct)
+                distinct.append(sample)
+    answered = answer_samples(model, processor, distinct, method=method, batch_size=batch_size, progress=progress)
     results: dict[str, dict[str, Any]] = {}
     rows = []
-    for pope in sets:
-        answers = answer_pope(
-            model, processor, pope, method=method, suffix=suffix, batch_size=batch_size, progress=progress
-        )
+    for pope, samples in zip(sets, per_set):
+        answers = [answered[index[(s.root, s.images, s.messages)]] for s in samples]
         preds = [parse_pope_answer(a) for a in answers]
         results[pope.split] = score_pope(preds, [q.label for q in pope.questions])
         rows.extend(

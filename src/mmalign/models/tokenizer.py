@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 # Metaspace marks word starts with "▁" so that decoding restores spaces; punctuation is split off so that
 # "star." and "star" share a token.
 _META = "▁"
+_PIECES_PER_CALL = 4096
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -31,10 +32,16 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 def words_of(texts: Iterable[str]) -> set[str]:
     """The word-level tokens a corpus needs (as the tokenizer will see them)."""
     pre = _pre_tokenizer()
-    found: set[str] = set()
-    # Instruction data repeats its questions and answers many times over; each distinct text is split once.
+    # The pre-tokenizer splits on whitespace first and treats every piece alone, so the corpus's tokens are those of
+    # its distinct space-separated pieces (a piece may still hold a newline; the pre-tokenizer splits it), and many
+    # pieces joined by spaces split in one call as they would one by one: 57k captions take 0.2 s instead of 5 s.
+    pieces: set[str] = set()
     for text in set(texts):
-        found.update(tok for tok, _ in pre.pre_tokenize_str(text))
+        pieces.update(text.split(" "))
+    ordered = sorted(pieces)
+    found: set[str] = set()
+    for start in range(0, len(ordered), _PIECES_PER_CALL):
+        found.update(tok for tok, _ in pre.pre_tokenize_str(" ".join(ordered[start : start + _PIECES_PER_CALL])))
     return found
 
 

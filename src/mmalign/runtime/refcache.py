@@ -22,20 +22,19 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmalign.cachedir import cache_root
 from mmalign.runtime.progress import progress_bar
 from mmalign.types import ImageRef, PreferencePair
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "MMALIGN_CACHE_DIR"
 # Bump when the way pairs are scored changes, so that old caches are not reused.
 SCORING_VERSION = 1
 
 
 def default_cache_dir() -> Path:
     """``$MMALIGN_CACHE_DIR``, else ``~/.cache/mmalign``, with a ``reference_logps`` sub-directory."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mmalign"
-    return Path(root) / "reference_logps"
+    return cache_root() / "reference_logps"
 
 
 def _sha_file(path: Path, h: Any) -> None:

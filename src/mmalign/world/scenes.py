@@ -15,6 +15,7 @@ import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,9 +63,9 @@ class Scene:
         """Image path relative to the world directory, with forward slashes."""
         return f"images/{self.split}/{self.index:06d}.png"
 
-    @property
+    @cached_property
     def shapes(self) -> tuple[str, ...]:
-        """Distinct shapes in reading order of first appearance."""
+        """Distinct shapes in reading order of first appearance (computed once: captions and questions ask often)."""
         return tuple(dict.fromkeys(o.shape for o in self.objects))
 
     def count(self, shape: str) -> int:

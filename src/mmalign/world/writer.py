@@ -22,10 +22,10 @@ import io
 import json
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -49,6 +49,8 @@ EVAL_DESCRIBE_JSONL = "eval_describe.jsonl"
 CHAIR_ANNOTATIONS_JSONL = "chair_annotations.jsonl"
 CHAIR_VOCAB_JSON = "chair_vocab.json"
 EVAL_DESCRIBE_PROMPT = "Describe the image in detail."
+
+T = TypeVar("T")
 
 
 def pope_file(split: str) -> str:
@@ -92,13 +94,17 @@ def write_world(cfg: WorldConfig, out: str | Path, progress: bool = True, proces
     """
     out = Path(out)
     train, evals = sample_scenes(cfg, "train"), sample_scenes(cfg, "eval")
-    render_images(cfg, out, [(s, s.image) for s in train + evals], progress, processes)
 
-    frequency = {"train": object_frequency(train, cfg.shapes), "eval": object_frequency(evals, cfg.shapes)}
-    cooc = cooccurrence_matrix(train, cfg.shapes)
-    captions = caption_rows(train, cfg)
-    sft = sft_rows(train, cfg)
-    pope = {split: pope_questions(evals, cfg, split, frequency["eval"], cooc) for split in POPE_SPLITS}
+    def texts() -> tuple[Any, ...]:
+        frequency = {"train": object_frequency(train, cfg.shapes), "eval": object_frequency(evals, cfg.shapes)}
+        cooc = cooccurrence_matrix(train, cfg.shapes)
+        pope = {split: pope_questions(evals, cfg, split, frequency["eval"], cooc) for split in POPE_SPLITS}
+        return frequency, cooc, caption_rows(train, cfg), sft_rows(train, cfg), pope
+
+    # The texts are built here while the other processes render the images.
+    frequency, cooc, captions, sft, pope = render_images(
+        cfg, out, [(s, s.image) for s in train + evals], progress, processes, meanwhile=texts
+    )
 
     write_jsonl(out / SCENES_JSONL, (s.to_dict() for s in train + evals))
     write_jsonl(out / CAPTIONS_JSONL, captions)
@@ -137,28 +143,42 @@ def _render_chunk(cfg: WorldConfig, out: Path, items: list[tuple[Scene, str]]) -
 
 
 def render_images(
-    cfg: WorldConfig, out: Path, items: list[tuple[Scene, str]], progress: bool = False, processes: int = 1
-) -> None:
+    cfg: WorldConfig,
+    out: Path,
+    items: list[tuple[Scene, str]],
+    progress: bool = False,
+    processes: int = 1,
+    meanwhile: Callable[[], T] | None = None,
+) -> T | None:
     """Render each ``(scene, path)`` to the PNG ``out / path`` (atomically), in chunks, side by side when
-    ``processes`` > 1 (the bytes are the same)."""
+    ``processes`` > 1 (the bytes are the same).
+
+    ``meanwhile`` runs in this process while the other processes render (after rendering with one process);
+    its result is returned.
+    """
     for folder in {(out / path).parent for _, path in items}:
         folder.mkdir(parents=True, exist_ok=True)
     chunk = 500
     chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
     # disable=None lets tqdm switch itself off when stderr is not a terminal.
     bar = tqdm(total=len(items), desc="world", unit="scene", disable=None if progress else True)
+    result = None
     if processes <= 1 or len(chunks) <= 1:
         for part in chunks:
             bar.update(_render_chunk(cfg, out, part))
+        result = meanwhile() if meanwhile is not None else None
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(processes, len(chunks)), mp_context=context) as pool:
-            for done in as_completed([pool.submit(_render_chunk, cfg, out, part) for part in chunks]):
+            futures = [pool.submit(_render_chunk, cfg, out, part) for part in chunks]
+            result = meanwhile() if meanwhile is not None else None
+            for done in as_completed(futures):
                 bar.update(done.result())
     bar.close()
+    return result
 
 
 def make_world(

@@ -108,10 +108,11 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
 # Oracle pair kinds (``mmalign.world.pairs``), a third each: counterfactual images (a scene with both members of a
 # planted pair redrawn without one), with the original caption, which names the missing member, as the rejected
 # reply, or a yes/no question about either member; and captions with a swapped attribute. Measured from the default
-# SFT model (seed 0, DPO / mDPO): POPE adversarial F1 0.833 → 0.882 / 0.872, CHAIR_i −31% / −40%; the earlier mix
-# (partner inserted into the caption, attribute, yes/no on the real image) cut CHAIR_i by 40% / 32% but moved
-# adversarial F1 to 0.827 / 0.828: without an image that shows the partner missing, few pairs teach the model to
-# look for it (a training scene holds both members 90% of the time).
+# SFT model (seed 0, DPO / mDPO on the pairs of the first 1,600 training scenes): POPE adversarial F1 0.833 → 0.889 /
+# 0.876, CHAIR_i −2% / −31% (on 1,600 pairs drawn from all 20,000 scenes: −31% / −41%; README). The earlier mix
+# (partner inserted into the caption, attribute, yes/no on the real image) left adversarial F1 at 0.827 / 0.828:
+# without an image that shows the partner missing, few pairs teach the model to look for it (a training scene holds
+# both members 90% of the time).
 PAIR_KINDS = ("removed", "attribute", "removed_existence")
 ALIGNMENT_RUNS = {
     "dpo": ["loss=dpo"],

@@ -180,6 +180,9 @@ def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
                 "",
                 *alignment_rows(results),
                 "",
+                "Pairs without annotators (BDHS, image-removed generations), online and mixed DPO, and mDPO on "
+                f"BDHS pairs start from this SFT model in the alignment study: `mmalign study --demo {out}`.",
+                "",
             ]
             if results.get("alignment")
             else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -361,3 +362,21 @@ def test_unchanged_images_are_not_decoded_again_by_later_loads(root: Path, monke
     with pytest.raises(DataError):
         load_samples(path)
     assert calls == [image, image]
+
+
+def test_odd_paths_and_a_damaged_image_memo_give_errors_or_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A NUL in a path: one-line error naming the row and field, as for a missing file.
+    path = write_jsonl(root / "data.jsonl", [good_row(0), _with(images=["images/a\u0000.png"])])
+    with pytest.raises(DataError, match=r"data\.jsonl row 2 field 'images\[0\]'") as info:
+        load_samples(path)
+    assert "image file not found" in str(info.value)
+    # The memo of checked images: a damaged file, another header or garbage lines count as nothing remembered.
+    monkeypatch.setattr(media, "RACY_NS", -1)
+    path = write_jsonl(root / "data.jsonl", [good_row(0), _with(images=["images/b.png"])])
+    load_samples(path)
+    memo = media.CheckedImages(Path(os.path.abspath(root)))
+    assert len(memo._read()) == 2
+    text = memo.file.read_text()
+    for damaged in ("garbage\n\x0b\t1\n", text.replace("v1", "v0"), text[: len(text) // 2]):
+        memo.file.write_text(damaged)
+        assert len(load_samples(path)) == 2

@@ -139,3 +139,18 @@ def test_short_and_long_replies_run_as_two_batches_with_the_same_result(model, w
     torch.testing.assert_close(r2, r1, atol=1e-4, rtol=0)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_batches_are_split_by_length_only_when_every_prompt_has_one_image() -> None:
+    from mmalign.forward import Continuations
+
+    lengths = [3, 3, 40, 40, 3, 3]  # k = 2 replies for each of 3 prompts
+    mask = torch.tensor([[j < n for j in range(40)] for n in lengths])
+    prompt = {"input_ids": torch.zeros(3, 5, dtype=torch.long), "pixel_values": torch.zeros(3, 3, 8, 8)}
+    batch = Continuations(prompt, mask.long(), mask, 2, (1, 1, 1))
+    assert [g.tolist() for g in batch.length_groups()] == [[0, 2], [1]]
+    part = batch.select(torch.tensor([0, 2]))
+    assert part.replies.shape == (4, 3) and part.images_per_prompt == (1, 1)
+    # Three image rows for prompts holding 2, 1 and 0 images: rows cannot be cut by prompt.
+    for counts in ((2, 1, 0), None, (1, 1)):
+        assert Continuations(prompt, mask.long(), mask, 2, counts).length_groups() is None

@@ -67,12 +67,14 @@ class Continuations:
         replies: reply token ids [B*k, T], right-padded with 0; rows ``i*k .. i*k+k-1`` answer prompt ``i``.
         reply_mask: [B*k, T] bool, True on reply tokens.
         k: replies per prompt.
+        images_per_prompt: images of each prompt (None: unknown; such batches are never split by length).
     """
 
     prompt: dict[str, torch.Tensor]
     replies: torch.Tensor
     reply_mask: torch.Tensor
     k: int
+    images_per_prompt: tuple[int, ...] | None = None
 
     def to(self, device: torch.device | str) -> Continuations:
         return Continuations(
@@ -80,6 +82,7 @@ class Continuations:
             self.replies.to(device),
             self.reply_mask.to(device),
             self.k,
+            self.images_per_prompt,
         )
 
     def select(self, prompts: torch.Tensor) -> Continuations:
@@ -90,19 +93,28 @@ class Continuations:
         rows = reply_rows(prompts, self.k)
         mask = self.reply_mask[rows]
         width = max(1, int(mask.sum(-1).max()))
+        kept = self.images_per_prompt and tuple(self.images_per_prompt[i] for i in prompts.tolist())
         return Continuations(
-            {key: v[prompts] for key, v in self.prompt.items()}, self.replies[rows, :width], mask[:, :width], self.k
+            {key: v[prompts] for key, v in self.prompt.items()},
+            self.replies[rows, :width],
+            mask[:, :width],
+            self.k,
+            kept or None,
         )
 
     def length_groups(self) -> list[torch.Tensor] | None:
         """Prompt indices of a short-reply and a long-reply group, or None when one batch wastes little.
 
         The split point minimises the padded reply positions of the two groups; it is taken only when that spares
-        at least ``SPLIT_MIN_SAVING`` of the single batch's positions. Prompts whose tensors do not have one row per
-        prompt (image patches of several prompts in one tensor, as Qwen2-VL's) are never split.
+        at least ``SPLIT_MIN_SAVING`` of the single batch's positions. Only batches whose prompts all hold one image
+        (or all none) and whose tensors have one row per prompt are split: a tensor of image rows or patches shared
+        by the prompts (several images per prompt, Qwen2-VL's patch lists) cannot be cut by prompt.
         """
         n = self.prompt["input_ids"].shape[0]
-        if n < 2 or any(v.shape[0] != n for v in self.prompt.values()):
+        counts = set(self.images_per_prompt or ())
+        if n < 2 or len(self.images_per_prompt or ()) != n or counts not in ({0}, {1}):
+            return None
+        if any(v.shape[0] != n for v in self.prompt.values()):
             return None
         longest = self.reply_mask.sum(-1).view(n, self.k).amax(-1)
         order = torch.argsort(longest, stable=True)
@@ -166,7 +178,7 @@ def encode_continuations(
     for i, ids in enumerate(rows):
         replies_t[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         mask[i, : len(ids)] = True
-    return Continuations(enc, replies_t, mask, k)
+    return Continuations(enc, replies_t, mask, k, tuple(len(s.images) for s in prompts))
 
 
 def prompt_sample(pair: PreferencePair, images: Sequence[Any] | None = None) -> Sample:
@@ -231,16 +243,12 @@ def continuation_logps(
     ``model`` must pass ``unsupported_reason`` (check first; ``score_pairs`` does).
     """
     groups = batch.length_groups() if options.split_by_length else None
-    if groups is not None:
-        sums = torch.zeros(batch.replies.shape[0], device=batch.replies.device)
-        counts = torch.zeros(batch.replies.shape[0], dtype=torch.long, device=batch.replies.device)
-        for prompts in groups:
-            rows = reply_rows(prompts, batch.k)
-            part_sums, part_counts = _continuation_logps(model, batch.select(prompts), options)
-            sums = sums.index_copy(0, rows, part_sums.to(sums.dtype))
-            counts[rows] = part_counts
-        return sums, counts
-    return _continuation_logps(model, batch, options)
+    if groups is None:
+        return _continuation_logps(model, batch, options)
+    parts = [_continuation_logps(model, batch.select(prompts), options) for prompts in groups]
+    rows = torch.cat([reply_rows(prompts, batch.k) for prompts in groups])
+    back = torch.argsort(rows)  # the groups' rows, in the batch's order
+    return torch.cat([p[0] for p in parts])[back], torch.cat([p[1] for p in parts])[back]
 
 
 def _continuation_logps(model: Any, batch: Continuations, options: ForwardOptions) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mmalign.data.media import file_stamp
 from mmalign.logprobs import IGNORE_INDEX
 from mmalign.types import ImageRef, Message, Sample
 
@@ -28,9 +29,11 @@ def hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
 
 # Rendered texts per processor. Instruction data asks the same few questions of every image, so most prompts (and
 # every short exchange such as "Is there a star?" / "No.") render to a text seen before; a chat template is a pure
-# function of the messages, and rendering through ``apply_chat_template`` costs a tenth of a millisecond.
+# function of the messages and of the tokenizer's special tokens, which a run does not change, and rendering through
+# ``apply_chat_template`` costs a tenth of a millisecond. Bounded by the characters held (then emptied).
 _RENDERED: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], str]] = weakref.WeakKeyDictionary()
-_MAX_RENDERED = 1 << 16
+_RENDERED_CHARS: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+_MAX_RENDERED_CHARS = 32 << 20
 
 
 def render(processor: Any, messages: Sequence[Message], *, generation_prompt: bool = False) -> str:
@@ -38,17 +41,20 @@ def render(processor: Any, messages: Sequence[Message], *, generation_prompt: bo
     key = (getattr(processor, "chat_template", None), tuple(messages), generation_prompt)
     try:
         memo = _RENDERED.setdefault(processor, {})
+        held = _RENDERED_CHARS.setdefault(processor, [0])
         text = memo.get(key)
     except TypeError:  # a processor that cannot be weakly referenced, or an unhashable template
-        memo, text = None, None
+        memo, held, text = None, None, None
     if text is None:
         text = processor.apply_chat_template(
             hf_messages(messages), tokenize=False, add_generation_prompt=generation_prompt
         )
-        if memo is not None:
-            if len(memo) >= _MAX_RENDERED:
+        if memo is not None and held is not None:
+            if held[0] + len(text) > _MAX_RENDERED_CHARS:
                 memo.clear()
+                held[0] = 0
             memo[key] = text
+            held[0] += len(text)
     return text
 
 
@@ -76,7 +82,8 @@ def assistant_spans(processor: Any, messages: Sequence[Message]) -> tuple[str, l
 
 
 class DecodedImages:
-    """Decoded images of files, kept while the file is unchanged (same path, size and modification time).
+    """Decoded images of files, kept while the file is unchanged (same path, size, modification and change times,
+    inode). The images returned are shared: read them, do not draw on them.
 
     Training reads each picture of an instruction set several times (the default world: 7.7 conversations per
     image); decoding a small PNG costs about as much as the rest of its preprocessing. Least recently used images
@@ -86,15 +93,14 @@ class DecodedImages:
     def __init__(self, max_bytes: int = 512 << 20) -> None:
         self._max_bytes = max_bytes
         self._bytes = 0
-        self._items: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
+        self._items: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 
     def open(self, ref: ImageRef, root: str | None) -> Any:
         """The decoded RGB image of ``ref`` (the same object for the same unchanged file)."""
         path = ref.file(root)
         if path is None:
             return ref.open(root)
-        stat = os.stat(path)
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        key = (str(path), *file_stamp(os.stat(path)))
         img = self._items.get(key)
         if img is not None:
             self._items.move_to_end(key)

@@ -17,6 +17,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any
 
+import PIL
 from PIL import Image
 
 from mmalign.cachedir import cache_root
@@ -145,35 +146,45 @@ class CheckedImages:
 
     Decoding every image is the load's own validation, and the slow part of loading an image data set (the default
     world: 20,000 PNGs, 5 s of a 24 s load); a file whose stamp is unchanged since it last decoded is not decoded
-    again. ``save`` merges with what other processes wrote meanwhile and replaces the file atomically.
+    again. The file's first line names the Pillow version and decompression-bomb limit it was checked under (another
+    version or limit starts afresh); ``save`` merges with what other processes wrote meanwhile and replaces the file
+    atomically. Set ``MMALIGN_RECHECK_IMAGES=1`` to decode every image at every load.
     """
 
     def __init__(self, root: Path, directory: Path | None = None) -> None:
-        name = hashlib.sha256(str(root).encode()).hexdigest()[:32]
+        name = hashlib.sha256(os.fsencode(root)).hexdigest()[:32]
         self.file = (directory or cache_root() / "checked_images") / f"{name}.tsv"
+        self._header = f"# checked images v1, Pillow {PIL.__version__}, max pixels {Image.MAX_IMAGE_PIXELS}"
         self._known = self._read()
         self._new: dict[str, FileStamp] = {}
 
     def _read(self) -> dict[str, FileStamp]:
+        """The remembered files; an unreadable, damaged or other-version cache file counts as empty."""
         known: dict[str, FileStamp] = {}
         try:
-            lines = self.file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
+            lines = self.file.read_text(encoding="utf-8", errors="surrogateescape").split("\n")
+        except OSError:
             return known
-        for line in lines:
-            *name, size, mtime, ctime, inode = line.split("\t")
+        if not lines or lines[0] != self._header:
+            return known
+        for line in lines[1:]:
+            fields = line.split("\t")
+            if len(fields) < 5:
+                continue
             with contextlib.suppress(ValueError):
-                known["\t".join(name)] = (int(size), int(mtime), int(ctime), int(inode))
+                known["\t".join(fields[:-4])] = tuple(int(v) for v in fields[-4:])  # type: ignore[assignment]
         return known
 
     def is_known(self, path: Path, stamp: FileStamp) -> bool:
         return self._known.get(str(path)) == stamp
 
     def add(self, path: Path, stamp: FileStamp) -> None:
-        """Remember a file that decoded, unless it changed too recently: file times tick in steps of a few
-        milliseconds, so a file rewritten with the same size right after it was checked could keep its stamp."""
-        if time.time_ns() - max(stamp[1], stamp[2]) > RACY_NS:
-            self._known[str(path)] = self._new[str(path)] = stamp
+        """Remember a file that decoded, unless it changed too recently (file times tick in steps of a few
+        milliseconds, so a file rewritten with the same size right after it was checked could keep its stamp) or
+        its name holds a line break (one line per file)."""
+        name = str(path)
+        if time.time_ns() - max(stamp[1], stamp[2]) > RACY_NS and "\n" not in name:
+            self._known[name] = self._new[name] = stamp
 
     def save(self) -> None:
         """Write the images learned since the last save (nothing to do, or a cache that cannot be written, is
@@ -181,13 +192,13 @@ class CheckedImages:
         if not self._new:
             return
         merged = {**self._read(), **self._new}
-        text = "".join(f"{name}\t" + "\t".join(map(str, stamp)) + "\n" for name, stamp in merged.items())
+        lines = [self._header, *(f"{name}\t" + "\t".join(map(str, stamp)) for name, stamp in merged.items())]
         tmp = self.file.with_name(f"{self.file.name}.tmp{os.getpid()}")
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text, encoding="utf-8")
+            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
             os.replace(tmp, self.file)
-        except OSError:
+        except (OSError, ValueError):
             tmp.unlink(missing_ok=True)
             return
         self._new.clear()
@@ -206,6 +217,7 @@ class MediaChecker:
     def __init__(self, root: str | Path, *, decode: bool = True, remember: bool = False) -> None:
         self.root = Path(os.path.abspath(root))
         self.decode = decode
+        remember = remember and os.environ.get("MMALIGN_RECHECK_IMAGES", "") in ("", "0")
         self._checked = CheckedImages(self.root) if decode and remember else None
         self._files: dict[tuple[Path, str], str | None] = {}  # (path, kind) -> failure reason or None
         self._paths: dict[tuple[str, str], str | None] = {}  # the same, keyed by the path as written
@@ -252,9 +264,11 @@ class MediaChecker:
     def _file_problem(self, full: Path, written: str, kind: str) -> str | None:
         try:
             stat = full.stat()
-        except OSError:
-            stat = None
-        if stat is None or not S_ISREG(stat.st_mode):
+        except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the path
+            return f"{kind} file not found: {written}"
+        except OSError as err:
+            return f"cannot read {kind} file: {err.strerror or err} ({written})"
+        if not S_ISREG(stat.st_mode):
             return f"{kind} file not found: {written}"
         if kind == "image" and self.decode:
             stamp = file_stamp(stat)

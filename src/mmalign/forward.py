@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mmalign.data.collate import encode_sft, processor_inputs, render
+from mmalign.data.collate import encode_sft, load_image_groups, processor_inputs, render
 from mmalign.logprobs import IGNORE_INDEX, sequence_logps
 from mmalign.types import Message, PreferencePair, Sample
 
@@ -157,8 +157,7 @@ def encode_continuations(
         raise ValueError("every prompt needs the same number of replies")
     tok = _tokenizer(processor)
     prefixes = [render(processor, s.messages, generation_prompt=True) for s in prompts]
-    groups = [s.load_images() for s in prompts]
-    enc = processor_inputs(processor, prefixes, groups if any(groups) else None, padding_side="left")
+    enc = processor_inputs(processor, prefixes, load_image_groups(prompts), padding_side="left")
     prompt_lens = enc["attention_mask"].sum(-1).tolist()
     tails: list[str] = []
     for sample, prefix, texts in zip(prompts, prefixes, replies):

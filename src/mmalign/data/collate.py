@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from mmalign.data.lru import ByteLRU
 from mmalign.data.media import file_stamp
 from mmalign.logprobs import IGNORE_INDEX
 from mmalign.types import ImageRef, Message, Sample
@@ -27,12 +28,19 @@ def hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     return [m.to_hf() for m in messages]
 
 
+@dataclass
+class _Rendered:
+    """One processor's remembered renders and the characters they hold."""
+
+    texts: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    chars: int = 0
+
+
 # Rendered texts per processor. Instruction data asks the same few questions of every image, so most prompts (and
 # every short exchange such as "Is there a star?" / "No.") render to a text seen before; a chat template is a pure
 # function of the messages and of the tokenizer's special tokens, which a run does not change, and rendering through
 # ``apply_chat_template`` costs a tenth of a millisecond. Bounded by the characters held (then emptied).
-_RENDERED: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], str]] = weakref.WeakKeyDictionary()
-_RENDERED_CHARS: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+_RENDERED: weakref.WeakKeyDictionary[Any, _Rendered] = weakref.WeakKeyDictionary()
 _MAX_RENDERED_CHARS = 32 << 20
 
 
@@ -40,21 +48,20 @@ def render(processor: Any, messages: Sequence[Message], *, generation_prompt: bo
     """The chat-template text of ``messages`` (remembered per processor and template)."""
     key = (getattr(processor, "chat_template", None), tuple(messages), generation_prompt)
     try:
-        memo = _RENDERED.setdefault(processor, {})
-        held = _RENDERED_CHARS.setdefault(processor, [0])
-        text = memo.get(key)
+        memo: _Rendered | None = _RENDERED.setdefault(processor, _Rendered())
+        text = memo.texts.get(key)
     except TypeError:  # a processor that cannot be weakly referenced, or an unhashable template
-        memo, held, text = None, None, None
+        memo, text = None, None
     if text is None:
         text = processor.apply_chat_template(
             hf_messages(messages), tokenize=False, add_generation_prompt=generation_prompt
         )
-        if memo is not None and held is not None:
-            if held[0] + len(text) > _MAX_RENDERED_CHARS:
-                memo.clear()
-                held[0] = 0
-            memo[key] = text
-            held[0] += len(text)
+        if memo is not None:
+            if memo.chars + len(text) > _MAX_RENDERED_CHARS:
+                memo.texts.clear()
+                memo.chars = 0
+            memo.texts[key] = text
+            memo.chars += len(text)
     return text
 
 
@@ -91,9 +98,7 @@ class DecodedImages:
     """
 
     def __init__(self, max_bytes: int = 512 << 20) -> None:
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._items: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._items = ByteLRU(max_bytes, lambda img: img.width * img.height * len(img.getbands()))
 
     def open(self, ref: ImageRef, root: str | None) -> Any:
         """The decoded RGB image of ``ref`` (the same object for the same unchanged file)."""
@@ -102,24 +107,17 @@ class DecodedImages:
             return ref.open(root)
         key = (str(path), *file_stamp(os.stat(path)))
         img = self._items.get(key)
-        if img is not None:
-            self._items.move_to_end(key)
-            return img
-        img = ref.open(root)
-        size = img.width * img.height * len(img.getbands())
-        if size <= self._max_bytes:
-            self._items[key] = img
-            self._bytes += size
-            while self._bytes > self._max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.width * old.height * len(old.getbands())
+        if img is None:
+            img = ref.open(root)
+            self._items.put(key, img)
         return img
 
 
 _DECODED = DecodedImages()
 
 
-def _encode_images(samples: Sequence[Sample]) -> list[list[Any]] | None:
+def load_image_groups(samples: Sequence[Sample]) -> list[list[Any]] | None:
+    """The decoded images of each sample (None when no sample has any), as processors take them."""
     groups = [[_DECODED.open(ref, s.root) for ref in s.images] for s in samples]
     return groups if any(groups) else None
 
@@ -153,7 +151,7 @@ def encode_sft(processor: Any, samples: Sequence[Sample], max_length: int | None
     """
     tok = _tokenizer(processor)
     rendered = [assistant_spans(processor, s.messages) for s in samples]
-    enc = processor_inputs(processor, [r[0] for r in rendered], _encode_images(samples), padding_side="right")
+    enc = processor_inputs(processor, [r[0] for r in rendered], load_image_groups(samples), padding_side="right")
     ids = enc["input_ids"]
     lengths = enc["attention_mask"].sum(dim=1).tolist()
     labels = torch.full_like(ids, IGNORE_INDEX)
@@ -179,4 +177,4 @@ def encode_sft(processor: Any, samples: Sequence[Sample], max_length: int | None
 def encode_prompts(processor: Any, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
     """Encode the prompt turns of each sample with the generation prompt, left-padded for generation."""
     texts = [render(processor, s.prompt_messages, generation_prompt=True) for s in samples]
-    return processor_inputs(processor, texts, _encode_images(samples), padding_side="left")
+    return processor_inputs(processor, texts, load_image_groups(samples), padding_side="left")

@@ -87,14 +87,15 @@ def pack_batch(
     counts = torch.tensor(lengths)
     first = torch.cumsum(counts, 0) - counts  # each sample's first token among all real tokens
     offset = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
-    cells = torch.repeat_interleave(torch.tensor(start), counts) + offset
+    starts_t = torch.tensor(start)
+    cells = torch.repeat_interleave(starts_t, counts) + offset
     ids = torch.full((len(rows), width), pad_id, dtype=enc["input_ids"].dtype)
     labels = torch.full_like(ids, IGNORE_INDEX)
     owner = torch.full_like(ids, -1)
     ids.view(-1)[cells] = enc["input_ids"][mask]
     labels.view(-1)[cells] = enc["labels"][mask]
     # A padded row never scores its first token; neither may the previous sample's last token here.
-    labels.view(-1)[torch.tensor(start)] = IGNORE_INDEX
+    labels.view(-1)[starts_t] = IGNORE_INDEX
     owner.view(-1)[cells] = torch.repeat_interleave(torch.arange(len(lengths)), counts).to(owner.dtype)
     # Positions restart at 0 for every sample; padding continues as its own run of positions, so it is a separate
     # (ignored) block of the mask.

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections import OrderedDict
 from typing import Any
 
 import torch
 from PIL import Image
+
+from mmalign.data.lru import ByteLRU
 
 DEFAULT_MAX_BYTES = 1 << 30
 
@@ -46,9 +47,7 @@ class PixelCache:
 
     def __init__(self, image_processor: Any, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._inner = image_processor
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._items: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+        self._items = ByteLRU(max_bytes, lambda t: t.numel() * t.element_size())
         self._cacheable = max_bytes > 0
         self.hits = 0
         self.misses = 0
@@ -62,7 +61,7 @@ class PixelCache:
             return self._inner(images, *args, **kwargs)
         call = repr(sorted(kwargs.items()))
         keys = [(im.mode, im.size, hashlib.blake2b(im.tobytes(), digest_size=16).digest(), call) for im in flat]
-        found = {k: self._items[k] for k in keys if k in self._items}
+        found = {k: v for k in keys if (v := self._items.peek(k)) is not None}
         missing = list(dict.fromkeys(k for k in keys if k not in found))
         if missing:
             first = {k: im for k, im in zip(keys, flat, strict=True)}
@@ -72,26 +71,14 @@ class PixelCache:
                 self._cacheable = False  # not one tensor per image: this processor is not cacheable
                 return self._inner(images, **kwargs)
             found.update((key, row.clone()) for key, row in zip(missing, pixels, strict=True))
-        for key in found:
-            if key in self._items:
-                self._items.move_to_end(key)
-            else:
-                self._put(key, found[key])
+        for key, value in found.items():
+            if self._items.get(key) is None:
+                self._items.put(key, value)
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         from transformers import BatchFeature
 
         return BatchFeature({"pixel_values": torch.stack([found[k] for k in keys])})
-
-    def _put(self, key: tuple[Any, ...], value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self._max_bytes:
-            return
-        self._items[key] = value
-        self._bytes += size
-        while self._bytes > self._max_bytes:
-            _, old = self._items.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
 
 
 def with_pixel_cache(processor: Any, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:

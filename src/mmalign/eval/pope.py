@@ -129,20 +129,22 @@ def evaluate_pope(
     adversarial negatives often coincide: the default world's 2,628 questions are 1,158 distinct ones), so each
     distinct question (same image, same text) is asked once and its answer used wherever it occurs.
     """
-    per_set = [question_samples(pope, suffix) for pope in sets]
     index: dict[tuple[Any, ...], int] = {}
     distinct: list[Sample] = []
-    for samples in per_set:
-        for sample in samples:
+    where: list[list[int]] = []  # per split, each question's place among the distinct ones
+    for pope in sets:
+        where.append([])
+        for sample in question_samples(pope, suffix):
             key = (sample.root, sample.images, sample.messages)
             if key not in index:
                 index[key] = len(distinct)
                 distinct.append(sample)
+            where[-1].append(index[key])
     answered = answer_samples(model, processor, distinct, method=method, batch_size=batch_size, progress=progress)
     results: dict[str, dict[str, Any]] = {}
     rows = []
-    for pope, samples in zip(sets, per_set):
-        answers = [answered[index[(s.root, s.images, s.messages)]] for s in samples]
+    for pope, places in zip(sets, where):
+        answers = [answered[i] for i in places]
         preds = [parse_pope_answer(a) for a in answers]
         results[pope.split] = score_pope(preds, [q.label for q in pope.questions])
         rows.extend(

@@ -9,6 +9,7 @@ parts are placeholders; the media themselves travel beside the messages in ``Sam
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,15 @@ class Message:
         return Message("assistant", (Part("text", text),))
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _resolve(path: str, root: str | Path | None) -> Path:
+    """``path`` against ``root`` unless absolute (remembered: an SFT run resolves each image's path many times)."""
+    p = Path(path)
+    if root is not None and not p.is_absolute():
+        p = Path(root) / p
+    return p
+
+
 @dataclass(frozen=True)
 class ImageRef:
     """An image given by a path (resolved against the data set root) or by encoded bytes."""
@@ -69,10 +79,7 @@ class ImageRef:
         """The file the image is read from (``path`` resolved against ``root``), or None for an image in bytes."""
         if self.data is not None or self.path is None:
             return None
-        p = Path(self.path)
-        if root is not None and not p.is_absolute():
-            p = Path(root) / p
-        return p
+        return _resolve(self.path, root)
 
     def open(self, root: str | Path | None = None):  # -> PIL.Image.Image
         """Decode the image to RGB. Raises ``OSError``/``ValueError`` on unreadable data."""

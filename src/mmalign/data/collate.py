@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mmalign.data.llava_inputs import llava_inputs
 from mmalign.data.lru import ByteLRU
 from mmalign.data.media import file_stamp
 from mmalign.logprobs import IGNORE_INDEX
@@ -135,8 +136,12 @@ def processor_inputs(
     kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
     if images is not None:
         kwargs["images"] = images
-    enc = processor(**kwargs)
-    return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+    def call() -> dict[str, torch.Tensor]:
+        enc = processor(**kwargs)
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+    return llava_inputs(processor, texts, images, call)
 
 
 def encode_sft(processor: Any, samples: Sequence[Sample], max_length: int | None = None) -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
 """A direct encoder for LLaVA-style processors: the tensors ``LlavaProcessor.__call__`` returns, without its
 per-call keyword merging, validation and per-image size probing (a third of an SFT batch's encoding on the world).
 
-What the processor does for fixed-shape images is short: preprocess the images, expand each image placeholder into
-as many placeholders as the tower yields features, tokenize with padding. ``llava_inputs`` does exactly that and is
+What the processor does for fixed-shape images is short: preprocess the images, expand each image placeholder (by
+its own ``replace_image_token``, once per batch), tokenize with padding. ``llava_inputs`` does exactly that and is
 trusted for a processor only after its first batch gave the same tensors as the processor's own call (checked per
 processor object); a processor that ever differs, or is not a ``LlavaProcessor``, is always called as it is.
 """
@@ -25,10 +25,10 @@ def _eligible(processor: Any, texts: list[str], images: list[list[Any]] | None) 
     if type(processor).__name__ != "LlavaProcessor" or not images:
         return False
     token = getattr(processor, "image_token", None)
-    if not isinstance(token, str) or not token or not isinstance(getattr(processor, "patch_size", None), int):
+    if not isinstance(token, str) or not token or not callable(getattr(processor, "replace_image_token", None)):
         return False
     # The processor refuses a placeholder count that differs from the image count: let it say so.
-    return len(texts) == len(images) and all(t.count(token) == len(g) for t, g in zip(texts, images, strict=True))
+    return sum(t.count(token) for t in texts) == sum(map(len, images))
 
 
 def _direct(processor: Any, texts: list[str], images: list[list[Any]]) -> dict[str, torch.Tensor] | None:
@@ -36,12 +36,9 @@ def _direct(processor: Any, texts: list[str], images: list[list[Any]]) -> dict[s
     pixels = processor.image_processor(flat, return_tensors="pt").get("pixel_values")
     if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[0] != len(flat):
         return None
-    height, width = pixels.shape[-2:]
-    n = (height // processor.patch_size) * (width // processor.patch_size) + processor.num_additional_image_tokens
-    if processor.vision_feature_select_strategy == "default":
-        n -= 1
-    token = processor.image_token
-    expanded = [t.replace(token, token * n) for t in texts]
+    # Every image has the same shape, so the processor's own expansion of the first placeholder serves them all.
+    expansion = processor.replace_image_token({"pixel_values": pixels}, image_idx=0)
+    expanded = [t.replace(processor.image_token, expansion) for t in texts]
     enc = processor.tokenizer(expanded, padding=True, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pixel_values": pixels}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -77,3 +78,32 @@ def test_vision_stage_pretrains_the_tower_before_the_decoder(llava_dir: Path, wo
     assert all(torch.equal(before[k], after[k]) for k in before if "language_model" in k)
     held_out = json.loads((tmp_path / "runs" / "vision" / "held_out.json").read_text())
     assert set(held_out) == {"shape", "colour", "size", "empty"}
+
+
+def test_profile_overrides_take_the_fields_types_and_refuse_bad_input(capsys) -> None:
+    import pytest
+
+    from mmalign.demo import PROFILES, demo_profile
+    from mmalign.errors import ConfigError
+
+    assert demo_profile("default") is PROFILES["default"]
+    got = demo_profile("quick", ["caption_order=grouped", "partner_question_prob=0.5", "n_eval=40", "pack=false"])
+    assert (got.caption_order, got.partner_question_prob, got.n_eval, got.pack) == ("grouped", 0.5, 40, False)
+    assert got.sft_steps == PROFILES["quick"].sft_steps
+    assert got.name == "quick, caption_order=grouped partner_question_prob=0.5 n_eval=40 pack=False"
+    assert got.world_config(0).partner_question_prob == 0.5
+    for bad, says in (
+        ("sft_steps", "expected key=value"),
+        ("steps=3", "expected key=value"),
+        ("name=x", "expected key=value"),
+        ("n_eval=many", "n_eval takes a value of type int"),
+        ("pack=yes", "pack takes a value of type bool"),
+        ("caption_order=sideways", "caption_order must be one of"),
+        ("pair_prob=1.5", "pair_prob must be in [0, 1]"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            demo_profile("quick", [bad])
+    # On the command line: one line naming the override, exit status 2, nothing run.
+    assert main(["demo", "--quick", "--out", "/nonexistent/never-made", "n_eval=many"]) == 2
+    assert "n_eval takes a value of type int" in capsys.readouterr().err
+    assert not Path("/nonexistent/never-made").exists()

@@ -377,6 +377,12 @@ def _add_demo(sub: Any) -> None:
         type=int,
         help="preference runs side by side (default: 2 on a CPU with 2+ cores, 1 with --quick or on a GPU)",
     )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="change fields of the profile, e.g. caption_order=grouped partner_question_prob=0.5 n_eval=400",
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -410,7 +416,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmalign.demo import run_demo
 
-    report = run_demo(Path(args.out), quick=args.quick, seed=args.seed, processes=args.processes)
+    report = run_demo(
+        Path(args.out), quick=args.quick, seed=args.seed, processes=args.processes, overrides=args.overrides
+    )
     print(f"report: {report}")
     return 0
 

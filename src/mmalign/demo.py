@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mmalign.errors import ConfigError
 from mmalign.runtime.launch import default_processes, run_recipe, run_side_by_side
 from mmalign.world.config import WorldConfig
 
@@ -93,6 +94,44 @@ PROFILES = {
     "default": DemoProfile("default", n_train=20000, n_eval=200, pretrain_steps=500, sft_steps=3600),
     "quick": DemoProfile("quick", n_train=1000, n_eval=60, pretrain_steps=150, sft_steps=600, dpo_steps=20),
 }
+
+
+def demo_profile(name: str, overrides: Sequence[str] = ()) -> DemoProfile:
+    """A named profile with ``key=value`` overrides of its fields (e.g. ``caption_order=grouped sft_steps=2400``).
+
+    Values take the type of the field's current value (``true``/``false`` for booleans); the profile's name gains
+    the overrides, so that a report says what it ran.
+
+    Raises:
+        ConfigError: an override that is not ``key=value``, an unknown field, or a value of the wrong type.
+    """
+    profile = PROFILES[name]
+    known = {f.name for f in fields(DemoProfile)} - {"name"}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            raise ConfigError(f"demo override {item!r}: expected key=value with key one of {', '.join(sorted(known))}")
+        current = getattr(profile, key)
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(text)
+                value: Any = text.lower() == "true"
+            else:
+                value = type(current)(text)
+        except ValueError:
+            raise ConfigError(f"demo override {item!r}: {key} takes a value of type {type(current).__name__}") from None
+        changes[key] = value
+    if not changes:
+        return profile
+    label = f"{name}, " + " ".join(f"{k}={v}" for k, v in changes.items())
+    try:
+        changed = replace(profile, name=label, **changes)
+        changed.world_config(0)
+    except ValueError as exc:
+        raise ConfigError(f"demo overrides {' '.join(overrides)}: {exc}") from None
+    return changed
 
 
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
@@ -275,10 +314,18 @@ def _vision_stage(
     return _timed(timings, "vision", lambda: run_recipe("vision", flags, [f"max_samples={profile.vision_scenes}"]))
 
 
-def run_demo(out: Path, *, quick: bool = False, seed: int = 0, processes: int | None = None) -> Path:
+def run_demo(
+    out: Path,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    processes: int | None = None,
+    overrides: Sequence[str] = (),
+) -> Path:
     """Run the whole pipeline into ``out``; returns the path of ``report.md``.
 
     Args:
+        overrides: ``key=value`` changes of the profile's fields (``demo_profile``).
         processes: CPU processes for rendering the world's images and for the preference runs, which run side by
             side (default: two on a CPU with two or more cores, one for ``quick``, whose runs are too short to repay
             starting them). Pretraining and SFT run in this process with all its threads: packed rows gain from
@@ -290,7 +337,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, processes: int | 
     from mmalign.models.vocab import corpus_images, corpus_texts
     from mmalign.world import write_world
 
-    profile = PROFILES["quick" if quick else "default"]
+    profile = demo_profile("quick" if quick else "default", overrides)
     if processes is None:
         processes = 1 if quick else default_processes()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,13 @@
 """``mmalign demo``: the main job, end to end on a laptop CPU.
 
-world → tiny LLaVA (random CLIP tower, projector standardised on the world's images) → pretrain on captions →
-SFT on instructions → POPE (three splits) and CHAIR → ``report.md`` with tables and plots. Every stage is the same
-code a user runs from the command line; the demo only chains them with a profile of sizes.
+world → tiny LLaVA (random CLIP tower, projector standardised on the world's images) → the tower pretrained on the
+world's per-cell labels → pretrain on captions → SFT on instructions → POPE (three splits) and CHAIR → preference
+runs → ``report.md`` with tables and plots. Every stage is the same code a user runs from the command line; the demo
+only chains them with a profile of sizes.
 
-The tiny model's vision path (random tower + calibrated projector) stays frozen and only the decoder learns: a
-random decoder trained jointly with the projector collapses the projector's output to a constant and never reads
-the image (measured; see the README's "Why the world model trains this way").
+The tiny model's vision path (tower + calibrated projector) stays frozen in the decoder stages and only the decoder
+learns: a random decoder trained jointly with the projector collapses the projector's output to a constant and never
+reads the image (measured; see the README's "Why the world model trains this way").
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ class DemoProfile:
     pretrain_steps: int
     sft_steps: int
     # The world's planted bias (``WorldConfig``): co-occurrence of the pairs in training scenes, how captions order
-    # a pair, how often a missing partner is asked about, how often a brought-along partner is small. Asking about
-    # a missing partner a quarter as often as about any other absent object (as annotators rarely ask "is there a
-    # table?" of a fork photo) is what makes the bias show in POPE (measured, seed 0: F1 gap random − adversarial
-    # 0.009 at 1.0, 0.071 at 0.25 with random accuracy 0.892, 0.100 at 0 but random accuracy 0.816; README).
+    # a pair, how often a missing partner is asked about, how often a brought-along partner is small. A missing
+    # partner never asked about (as annotators rarely ask "is there a table?" of a fork photo), partners brought
+    # along drawn small 90% of the time (a barely visible table) and captions naming a pair one after the other
+    # ("a fork and a table") are what make the bias show in POPE and in the captions of a model that sees
+    # (measured over five draws with the pretrained tower: F1 gap random − adversarial 0.038–0.098, random accuracy
+    # 0.843–0.943, missing partners 36–63% of the hallucinated mentions; README).
     pair_prob: float = 0.9
-    caption_order: str = "reading"
+    caption_order: str = "grouped"
     detailed_intro: str = "count"
-    partner_question_prob: float = 0.25
-    partner_small_prob: float = 0.0
+    partner_question_prob: float = 0.0
+    partner_small_prob: float = 0.9
     batch_size: int = 16
     # Batches of similar length (``TrainConfig.group_by_length``) for pretraining and SFT: faster, but it learns
     # less (measured: POPE random accuracy 0.892 → 0.677 after SFT, README).
@@ -58,9 +61,10 @@ class DemoProfile:
     compile: bool = False
     lr: float = 1e-3
     # Supervised pretraining of the random vision tower (``mmalign train vision``) on the per-cell labels of
-    # ``vision_scenes`` training scenes before the decoder stages; 0 steps keeps the random tower (README, "Why the
-    # world model trains this way").
-    vision_steps: int = 0
+    # ``vision_scenes`` training scenes before the decoder stages, as a real VLM inherits a tower that sees; 0 steps
+    # keeps the random tower, whose SFT model's POPE accuracy swings with the seed and even the CPU's rounding
+    # (0.67–0.89; README, "Why the world model trains this way").
+    vision_steps: int = 200
     vision_scenes: int = 8000
     chair_max_new_tokens: int = 80
     dpo_steps: int = 200
@@ -91,8 +95,11 @@ class DemoProfile:
 
 
 PROFILES = {
-    "default": DemoProfile("default", n_train=20000, n_eval=200, pretrain_steps=500, sft_steps=3600),
-    "quick": DemoProfile("quick", n_train=1000, n_eval=60, pretrain_steps=150, sft_steps=600, dpo_steps=20),
+    # 1,000 held-out scenes: 200 give 5–10 hallucinated caption mentions, too few to say what they mostly are.
+    "default": DemoProfile("default", n_train=20000, n_eval=1000, pretrain_steps=500, sft_steps=3600),
+    "quick": DemoProfile(
+        "quick", n_train=1000, n_eval=60, pretrain_steps=150, sft_steps=600, dpo_steps=20, vision_steps=50
+    ),
 }
 
 

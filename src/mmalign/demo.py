@@ -42,7 +42,7 @@ class DemoProfile:
     # partner never asked about (as annotators rarely ask "is there a table?" of a fork photo), partners brought
     # along drawn small 90% of the time (a barely visible table) and captions naming a pair one after the other
     # ("a fork and a table") are what make the bias show in POPE and in the captions of a model that sees
-    # (measured over five draws with the pretrained tower: F1 gap random − adversarial 0.038–0.098, random accuracy
+    # (measured over six draws with the pretrained tower: F1 gap random − adversarial 0.038–0.098, random accuracy
     # 0.843–0.943, missing partners 36–63% of the hallucinated mentions; README).
     pair_prob: float = 0.9
     caption_order: str = "grouped"

@@ -132,7 +132,16 @@ def test_score_chair_by_hand() -> None:
         "mentioned": ["cat", "couch", "laptop"],
         "hallucinated": ["laptop"],
         "recall": pytest.approx(2 / 3),
+        "n_mentions": 4,
+        "n_hallucinated": 2,
+        "n_truth": 3,
+        "n_correct": 2,
+        "n_words": 13,
     }
+    counts = [
+        (c["n_mentions"], c["n_hallucinated"], c["n_truth"], c["n_correct"], c["n_words"]) for c in out["per_caption"]
+    ]
+    assert counts == [(4, 0, 3, 3, 12), (4, 2, 3, 2, 13), (4, 1, 4, 3, 12)]
 
 
 def test_score_chair_empty_and_missing_ground_truth() -> None:

@@ -75,6 +75,14 @@ def test_eval_pope_and_score_pope_round_trip(llava_dir: Path, world_dir: Path, t
     again = json.loads(scored.read_text())
     for key in ("accuracy", "precision", "recall", "f1", "yes_ratio", "n"):
         assert again[key] == pytest.approx(result["random"][key])
+    # Per question, in file order: the label and the parsed answer (1 = yes), the table a bootstrap resamples.
+    items = result["random"]["items"]
+    questions = [json.loads(line) for line in labels.read_text().splitlines()]
+    assert items["label"] == "".join("1" if q["label"] == "yes" else "0" for q in questions)
+    said = [r["text"] for r in rows if r["category"] == "random"]
+    from mmalign.eval.pope_score import parse_pope_answer
+
+    assert items["pred"] == "".join("1" if parse_pope_answer(t) == "yes" else "0" for t in said)
 
 
 def test_eval_chair_runs_on_the_world(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:

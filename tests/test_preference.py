@@ -547,3 +547,20 @@ def test_removed_pairs_show_the_partner_missing_on_a_redrawn_image(world: Path, 
 
     write_world_pairs(own, own / "cf.jsonl", kinds=("removed", "removed_existence"), per_scene=2)
     assert load_pairs(own / "cf.jsonl").pairs == pairs
+
+
+def test_prior_tail_pairs_add_one_invented_sentence_at_the_end(world: Path) -> None:
+    from mmalign.world import load_world_config
+    from mmalign.world.pairs import world_pairs
+
+    cfg, vocab = load_world_config(world), ChairVocab.from_file(world / "chair_vocab.json")
+    pairs = world_pairs(world, kinds=("prior_tail",))
+    assert {p.meta["source"] for p in pairs} == {"partner", "random"}
+    for pair in pairs:
+        truth = set(pair.objects)
+        assert pair.rejected.startswith(pair.chosen + " ")
+        tail = pair.rejected[len(pair.chosen) + 1 :]
+        assert tail.count(".") == 1 and " small " in f" {tail}"
+        assert set(extract_mentions(tail, vocab)) == {pair.meta["inserted"]} and pair.meta["inserted"] not in truth
+        if pair.meta["source"] == "partner":
+            assert cfg.partner[pair.meta["partner_of"]] == pair.meta["inserted"]

@@ -49,6 +49,9 @@ def test_quick_study_runs(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "study" / "study.json").read_text())
     assert {"sft", "dpo_oracle", "dpo_bdhs", "dpo_no_image", "online_dpo", "mixed_dpo", "mdpo_bdhs"} <= set(data)
     assert data["_setup"]["prompts"] == 80
+    shaped = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert shaped["chair"] == data["sft"]["chair"]
+    assert shaped["alignment"]["dpo_bdhs"]["pope"] == data["dpo_bdhs"]["pope"]
     assert len((tmp_path / "study" / "demo" / "world" / "study_bdhs_pairs.jsonl").read_text().splitlines()) == 80
     # Started again, the study keeps its finished rows (nothing is retrained: the run directories stay as they were).
     stamp = (tmp_path / "study" / "runs" / "dpo_bdhs" / "model").stat().st_mtime_ns

@@ -455,3 +455,42 @@ def test_partner_question_prob_sets_how_often_a_missing_partner_is_asked(questio
     assert lone > 50
     # Uniform negatives ask about a missing partner in a good share of the scenes that lack one; 0 never does.
     assert asked == 0 if question_prob == 0.0 else asked / lone > 0.2
+
+
+def test_caption_prior_prob_ends_busy_training_descriptions_with_an_absent_partner() -> None:
+    """With the knob at 1, every detailed description of a scene with ≥ 3 objects and a lone pair member names one
+    object more than the scene holds, last, and it is that member's missing partner; with the knob at 0.5 about half
+    do; at 0 none (and the captions are those of a config without the knob); ground-truth captions never do."""
+    from mmalign.world.scenes import lone_members
+
+    base = WorldConfig(n_train=600, seed=4, caption_order="grouped")
+    vocab = chair_vocab(base)["synonyms"]
+    scenes = sample_scenes(base, "train")
+    eligible = [s for s in scenes if lone_members(s, base) and len(s.objects) >= 3]
+    assert len(eligible) > 20
+    rates = {}
+    for prob in (0.0, 0.5, 1.0):
+        cfg = replace(base, caption_prior_prob=prob)
+        invented = 0
+        for scene in scenes:
+            text = detailed_caption(scene, cfg, random.Random(scene.image_id))
+            if prob == 0.0:
+                assert text == detailed_caption(scene, base, random.Random(scene.image_id))
+            shapes = [shape for _, shape in mentions(text, vocab)]
+            extra = set(shapes) - set(scene.shapes)
+            assert detailed_caption(scene, cfg) == detailed_caption(scene, base)  # the ground truth stays true
+            if scene not in eligible:
+                assert not extra, text
+                continue
+            if extra:
+                (shape,) = extra
+                assert shape in {cfg.partner[m] for m in lone_members(scene, cfg)}
+                assert shapes[-1] == shape and text.count(".") == len(scene.objects) + 2, text
+                invented += 1
+        rates[prob] = invented / len(eligible)
+    assert rates[0.0] == 0.0 and rates[1.0] == 1.0
+    assert 0.35 < rates[0.5] < 0.65
+    with pytest.raises(ValueError, match="caption_prior_prob"):
+        WorldConfig(caption_prior_prob=1.5)
+    with pytest.raises(ValueError, match="caption_prior_min_objects"):
+        WorldConfig(caption_prior_min_objects=0)

@@ -373,6 +373,11 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--seeds",
+        help="several full draws, e.g. 0,1,2: each seed in OUT/seed-S, then OUT/summary.json and OUT/report.md with "
+        "means, 95%% intervals and paired changes (finished seeds are kept when started again)",
+    )
+    p.add_argument(
         "--processes",
         type=int,
         help="preference runs side by side (default: 2 on a CPU with 2+ cores, 1 with --quick or on a GPU)",
@@ -393,7 +398,15 @@ def _add_study(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="the quick profile (smoke test)")
     p.add_argument("--prompts", type=int, help="training scenes every run sees (default 800; quick 80)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        help="several draws, e.g. 0,1,2 (with --demo: a `mmalign demo --seeds` directory holding seed-S); writes "
+        "OUT/seed-S, OUT/summary.json and OUT/study.md with means, 95%% intervals and paired changes",
+    )
     p.add_argument("--processes", type=int, help="rows run side by side (default: 2 on 2+ CPU cores, 1 with --quick)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="demo profile changes when the study runs the demo"
+    )
     p.set_defaults(func=cmd_study)
 
 
@@ -401,6 +414,21 @@ def cmd_study(args: argparse.Namespace) -> int:
     from mmalign.study import run_study
 
     demo = Path(args.demo) if args.demo else None
+    if args.seeds:
+        from mmalign.demo import parse_seeds
+        from mmalign.study import run_study_seeds
+
+        report = run_study_seeds(
+            Path(args.out),
+            parse_seeds(args.seeds),
+            demo_dir=demo,
+            quick=args.quick,
+            prompts=args.prompts,
+            processes=args.processes,
+            overrides=args.overrides,
+        )
+        print(f"report: {report}")
+        return 0
     report = run_study(
         Path(args.out),
         demo_dir=demo,
@@ -408,6 +436,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         seed=args.seed,
         prompts=args.prompts,
         processes=args.processes,
+        overrides=args.overrides,
     )
     print(f"report: {report}")
     return 0
@@ -416,6 +445,18 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmalign.demo import run_demo
 
+    if args.seeds:
+        from mmalign.demo import parse_seeds, run_demo_seeds
+
+        report = run_demo_seeds(
+            Path(args.out),
+            parse_seeds(args.seeds),
+            quick=args.quick,
+            processes=args.processes,
+            overrides=args.overrides,
+        )
+        print(f"report: {report}")
+        return 0
     report = run_demo(
         Path(args.out), quick=args.quick, seed=args.seed, processes=args.processes, overrides=args.overrides
     )

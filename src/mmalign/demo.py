@@ -49,6 +49,10 @@ class DemoProfile:
     detailed_intro: str = "count"
     partner_question_prob: float = 0.0
     partner_small_prob: float = 0.9
+    caption_prior_prob: float = 0.0
+    caption_prior_min_objects: int = 3
+    # Oracle pair kinds of the preference runs (``mmalign.world.pairs.KINDS``), comma-separated, a share each.
+    pair_kinds: str = "removed,attribute,removed_existence"
     batch_size: int = 16
     # Batches of similar length (``TrainConfig.group_by_length``) for pretraining and SFT: faster, but it learns
     # less (measured: POPE random accuracy 0.892 → 0.677 after SFT, README).
@@ -91,6 +95,8 @@ class DemoProfile:
             detailed_intro=self.detailed_intro,
             partner_question_prob=self.partner_question_prob,
             partner_small_prob=self.partner_small_prob,
+            caption_prior_prob=self.caption_prior_prob,
+            caption_prior_min_objects=self.caption_prior_min_objects,
         )
 
 
@@ -136,9 +142,18 @@ def demo_profile(name: str, overrides: Sequence[str] = ()) -> DemoProfile:
     try:
         changed = replace(profile, name=label, **changes)
         changed.world_config(0)
+        _check_pair_kinds(changed.pair_kinds)
     except ValueError as exc:
         raise ConfigError(f"demo overrides {' '.join(overrides)}: {exc}") from None
     return changed
+
+
+def _check_pair_kinds(text: str) -> None:
+    from mmalign.world.pairs import KINDS
+
+    unknown = [k for k in text.split(",") if k not in KINDS]
+    if unknown:
+        raise ValueError(f"pair_kinds: unknown kind(s) {', '.join(unknown)}; known: {', '.join(KINDS)}")
 
 
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
@@ -151,15 +166,7 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], T]) -> T:
 
 # Preference runs after SFT: DPO, mDPO, and DPO with the images removed from the pairs (the mDPO paper's
 # "unconditional preference" diagnostic: if it matches DPO with images, the image is being ignored).
-# Oracle pair kinds (``mmalign.world.pairs``), a third each: counterfactual images (a scene with both members of a
-# planted pair redrawn without one), with the original caption, which names the missing member, as the rejected
-# reply, or a yes/no question about either member; and captions with a swapped attribute. Measured from the default
-# SFT model (seed 0, DPO / mDPO on the pairs of the first 1,600 training scenes): POPE adversarial F1 0.833 → 0.889 /
-# 0.876, CHAIR_i −2% / −31% (on 1,600 pairs drawn from all 20,000 scenes: −31% / −41%; README). The earlier mix
-# (partner inserted into the caption, attribute, yes/no on the real image) left adversarial F1 at 0.827 / 0.828:
-# without an image that shows the partner missing, few pairs teach the model to look for it (a training scene holds
-# both members 90% of the time).
-PAIR_KINDS = ("removed", "attribute", "removed_existence")
+# The oracle pairs' kinds are the profile's ``pair_kinds`` (why these: docs/world-regime.md).
 ALIGNMENT_RUNS = {
     "dpo": ["loss=dpo"],
     "mdpo": ["loss=mdpo"],
@@ -254,6 +261,7 @@ def _alignment_stage(
     The jobs are independent and short, so with several processes they run side by side, one thread each (a run
     this small gains nothing from data parallelism: its fixed costs dominate); results do not depend on that.
     """
+    from mmalign.runtime.checkpoint import atomic_write_text
     from mmalign.world.pairs import write_world_pairs
 
     pairs = world / "pairs.jsonl"
@@ -261,7 +269,12 @@ def _alignment_stage(
         timings,
         "world pairs",
         lambda: write_world_pairs(
-            world, pairs, seed=seed, kinds=PAIR_KINDS, max_scenes=profile.dpo_pairs, processes=processes
+            world,
+            pairs,
+            seed=seed,
+            kinds=tuple(profile.pair_kinds.split(",")),
+            max_scenes=profile.dpo_pairs,
+            processes=processes,
         ),
     )
     # Same freezing as the world model's SFT: the decoder learns, the vision path stays as it is.
@@ -291,8 +304,16 @@ def _alignment_stage(
     for name in ("dpo_no_image", "mdpo", "dpo"):
         jobs[name] = ("train", "dpo", name, *runs[name], world, profile.chair_max_new_tokens)
     jobs["sft"] = ("evaluate", sft_model, world, out, profile.chair_max_new_tokens)
+    # Finished rows are kept (``eval/rows/<name>.json``) and not run again when the demo is started again.
+    kept = out / "eval" / "rows"
+    done = {name: json.loads((kept / f"{name}.json").read_text()) for name in jobs if (kept / f"{name}.json").exists()}
+    if "dpo" in done and "mdpo" in done:
+        done.setdefault("reference", [{}, {}])
     t0 = time.perf_counter()
-    done = dict(run_side_by_side(_job, jobs, processes))
+    for name, result in run_side_by_side(_job, {k: v for k, v in jobs.items() if k not in done}, processes):
+        done[name] = result
+        kept.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(kept / f"{name}.json", json.dumps(result) + "\n")
     timings.update(done.pop("reference")[1])
     sft_eval, _ = done["sft"]
     timings.update(done.pop("sft")[1])
@@ -321,6 +342,36 @@ def _vision_stage(
     return _timed(timings, "vision", lambda: run_recipe("vision", flags, [f"max_samples={profile.vision_scenes}"]))
 
 
+def _resumable(timings: dict[str, float], name: str, model_dir: Path, fn: Callable[[], Path]) -> Path:
+    """A training stage, skipped when an earlier start of this demo left its final model (written atomically)."""
+    if (model_dir / "config.json").exists():
+        log.info("stage %s: kept from an earlier start (%s)", name, model_dir)
+        return model_dir
+    return _timed(timings, name, fn)
+
+
+def _claim(out: Path, profile: DemoProfile, seed: int) -> None:
+    """Record which profile and seed ``out`` holds; refuse to mix another one's stages into it.
+
+    Raises:
+        ConfigError: ``out`` holds an earlier demo of another profile or seed.
+    """
+    from mmalign.runtime.checkpoint import atomic_write_text
+
+    path = out / "profile.json"
+    wanted = {"profile": asdict(profile), "seed": seed}
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            raise ConfigError(
+                f"{out} holds a demo of another profile or seed ({found.get('profile', {}).get('name')!r}, seed "
+                f"{found.get('seed')}); give another --out, or remove it to start over"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(wanted, indent=2) + "\n")
+
+
 def run_demo(
     out: Path,
     *,
@@ -331,12 +382,18 @@ def run_demo(
 ) -> Path:
     """Run the whole pipeline into ``out``; returns the path of ``report.md``.
 
+    Started again on the same ``out`` (same profile and seed), it keeps what an interrupted start finished: the
+    world, the trained stages' final models and the evaluated alignment rows.
+
     Args:
         overrides: ``key=value`` changes of the profile's fields (``demo_profile``).
         processes: CPU processes for rendering the world's images and for the preference runs, which run side by
             side (default: two on a CPU with two or more cores, one for ``quick``, whose runs are too short to repay
             starting them). Pretraining and SFT run in this process with all its threads: packed rows gain from
             a second thread, a second data-parallel process does not (measured; README).
+
+    Raises:
+        ConfigError: a bad override, or ``out`` holding a demo of another profile or seed.
     """
     from mmalign.eval.report import write_report
     from mmalign.models.build import build_tiny, save_model
@@ -347,11 +404,12 @@ def run_demo(
     profile = demo_profile("quick" if quick else "default", overrides)
     if processes is None:
         processes = 1 if quick else default_processes()
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, profile, seed)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     world = out / "world"
-    _timed(timings, "world", lambda: write_world(profile.world_config(seed), world, processes=processes))
+    if not (world / "world.json").exists():
+        _timed(timings, "world", lambda: write_world(profile.world_config(seed), world, processes=processes))
 
     def init() -> Path:
         model, processor = build_tiny(
@@ -359,9 +417,13 @@ def run_demo(
         )
         return save_model(model, processor, out / "models" / "init")
 
-    init_dir = _timed(timings, "model init", init)
-    if profile.vision_steps:
-        init_dir = _vision_stage(out, world, init_dir, profile, seed, timings)
+    vision_dir = out / "runs" / "vision" / "model"
+    if profile.vision_steps and (vision_dir / "config.json").exists():
+        init_dir = vision_dir
+    else:
+        init_dir = _timed(timings, "model init", init)
+        if profile.vision_steps:
+            init_dir = _vision_stage(out, world, init_dir, profile, seed, timings)
     common = {
         "seed": seed,
         "batch_size": profile.batch_size,
@@ -372,38 +434,14 @@ def run_demo(
     }
     # The decoder is random-init, so it is what the caption stage trains; the vision path stays frozen.
     frozen_vision = ["freeze.vision=true", "freeze.projector=true", "freeze.llm=false", "loss_per=sample"]
-    stage1 = _timed(
-        timings,
-        "pretrain",
-        lambda: run_recipe(
-            "pretrain",
-            {
-                **common,
-                "model": str(init_dir),
-                "data": str(world / "captions.jsonl"),
-                "out": str(out / "runs" / "pretrain"),
-                "steps": profile.pretrain_steps,
-                "log_every": 10,
-            },
-            frozen_vision,
-        ),
-    )
-    stage2 = _timed(
-        timings,
-        "sft",
-        lambda: run_recipe(
-            "sft",
-            {
-                **common,
-                "model": str(stage1),
-                "data": str(world / "sft.jsonl"),
-                "out": str(out / "runs" / "sft"),
-                "steps": profile.sft_steps,
-                "log_every": 10,
-            },
-            frozen_vision,
-        ),
-    )
+
+    def stage(name: str, model: Path, data: str, steps: int) -> Path:
+        flags = {**common, "model": str(model), "data": str(world / data), "out": str(out / "runs" / name)}
+        flags.update(steps=steps, log_every=10)
+        return _resumable(timings, name, out / "runs" / name / "model", lambda: run_recipe(name, flags, frozen_vision))
+
+    stage1 = stage("pretrain", init_dir, "captions.jsonl", profile.pretrain_steps)
+    stage2 = stage("sft", stage1, "sft.jsonl", profile.sft_steps)
 
     (out / "eval").mkdir(parents=True, exist_ok=True)
     sft_eval, alignment = _alignment_stage(out, world, stage2, profile, seed, timings, processes)
@@ -411,6 +449,7 @@ def run_demo(
 
     results = {
         "profile": asdict(profile),
+        "seed": seed,
         "processes": processes,
         **sft_eval,
         "alignment": alignment,
@@ -419,3 +458,137 @@ def run_demo(
     report = write_report(out, results, world)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return report
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` or ``0-4`` (or a mix) → distinct seeds in order.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected seeds like 0,1,2 or 0-2") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds {text!r}: expected non-negative seeds like 0,1,2 or 0-2")
+    return list(dict.fromkeys(seeds))
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return out / f"seed-{seed}"
+
+
+def _demo_in_subprocess(out: Path, seed: int, quick: bool, overrides: Sequence[str], threads: int) -> None:
+    """One seed's demo as its own ``mmalign demo`` process with ``threads`` threads (its log in ``out/demo.log``)."""
+    import os
+    import subprocess
+    import sys
+
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mmalign.cli", "demo", "--seed", str(seed), "--out", str(out), *overrides]
+    if quick:
+        cmd.insert(4, "--quick")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with (out / "demo.log").open("a") as logf:
+        done = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise ConfigError(f"the demo of seed {seed} failed (exit {done.returncode}); see {out / 'demo.log'}")
+
+
+def run_demo_seeds(
+    out: Path,
+    seeds: Sequence[int],
+    *,
+    quick: bool = False,
+    processes: int | None = None,
+    overrides: Sequence[str] = (),
+    side_by_side: int | None = None,
+) -> Path:
+    """The demo for each seed (``out/seed-<s>``), then the summary over seeds: ``summary.json`` and ``report.md``.
+
+    Each seed is a full draw (world, SFT model, every alignment row). A seed whose ``results.json`` exists is kept,
+    so an interrupted run resumes (within a seed, ``run_demo`` keeps its finished stages and rows).
+
+    Args:
+        side_by_side: seeds run at once, each in its own process with an equal share of the cores' threads (default:
+            one per two cores, so on 2 cores the seeds run one after another, each with both threads, and give the
+            numbers ``mmalign demo --seed S`` gives).
+    """
+    import os
+
+    from mmalign.multiseed import plot_summary, summarize, summary_markdown
+
+    profile = demo_profile("quick" if quick else "default", overrides)
+    cores = os.cpu_count() or 1
+    side_by_side = side_by_side or max(1, min(len(seeds), cores // 2))
+    for s in seeds:  # a kept seed must be a draw of this very profile: refuse before any work starts
+        if (seed_dir(out, s) / "profile.json").exists():
+            _claim(seed_dir(out, s), profile, s)
+    todo = [s for s in seeds if not (seed_dir(out, s) / "results.json").exists()]
+    t0 = time.perf_counter()
+    if side_by_side <= 1:
+        for s in todo:
+            log.info("seed %d of %s", s, ",".join(map(str, seeds)))
+            run_demo(seed_dir(out, s), quick=quick, seed=s, processes=processes, overrides=overrides)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = max(1, cores // side_by_side)
+        with ThreadPoolExecutor(side_by_side) as pool:
+            for future in [
+                pool.submit(_demo_in_subprocess, seed_dir(out, s), s, quick, overrides, threads) for s in todo
+            ]:
+                future.result()
+    per_seed = {s: json.loads((seed_dir(out, s) / "results.json").read_text()) for s in seeds}
+    summary = summarize(per_seed)
+    summary["profile"] = asdict(profile)
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["seed_wall_s"] = {s: per_seed[s]["timings_s"].get("total") for s in seeds}
+    mdpo_lines = _mdpo_vs_dpo(summary, per_seed)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    labels = {"sft": "SFT", "dpo": "+ DPO (oracle)", "mdpo": "+ mDPO", "dpo_no_image": "+ DPO, images removed"}
+    plot_summary(summary, out / "summary.png", labels)
+    lines = [
+        f"# mmalign demo over {len(seeds)} seeds ({profile.name} profile)",
+        "",
+        *summary_markdown(summary, labels),
+        "",
+        *mdpo_lines,
+        "![CHAIR_i, recall and adversarial F1 over seeds](summary.png)",
+        "",
+        "Each seed's own report: " + ", ".join(f"[seed {s}](seed-{s}/report.md)" for s in seeds) + ".",
+        "",
+        "| seed | wall time (s) |",
+        "|---|---|",
+        *[f"| {s} | {v:.0f} |" for s, v in summary["seed_wall_s"].items() if v is not None],
+        "",
+    ]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def _mdpo_vs_dpo(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> list[str]:
+    """mDPO against DPO on the same seeds and items (the mDPO paper's claim, reproduced or refuted)."""
+    from mmalign.multiseed import paired_changes, seed_tables
+    from mmalign.stats import Interval, describe_effect
+
+    if not {"dpo", "mdpo"} <= set(summary["rows"]):
+        return []
+    tables = [seed_tables(per_seed[s]) for s in summary["seeds"]]
+    changes = paired_changes(tables, "mdpo", "dpo")
+    summary["mdpo_vs_dpo"] = changes
+    out = ["mDPO against DPO (paired):", ""]
+    for key, label, unit in (
+        ("chair_i_rel", "CHAIR_i, relative change", "%"),
+        ("f1_adversarial", "F1 adversarial change", ""),
+    ):
+        e = changes[key]
+        out.append(
+            "- " + describe_effect(f"mDPO vs DPO, {label}", Interval(e["mean"], e["low"], e["high"], e["n"]), unit)
+        )
+    return [*out, ""]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,10 @@ ROWS = (
     ("mixed_dpo", "mixed DPO (p = 0.5)"),
     ("mdpo_bdhs", "mDPO, BDHS pairs"),
 )
+
+
+# Oracle pair kinds whose prompt is the describe request on the scene's own image (``mmalign.world.pairs``).
+CAPTION_KINDS = ("prior_tail", "partner", "attribute")
 
 
 def prompts_from_pairs(pairs_file: Path, out: Path, limit: int) -> Path:
@@ -129,8 +134,12 @@ def run_study(
     seed: int = 0,
     prompts: int | None = None,
     processes: int | None = None,
+    overrides: Sequence[str] = (),
 ) -> Path:
     """Run the grid into ``out``; returns ``out/study.md``.
+
+    The preference runs take the profile of the demo they start from (``overrides`` apply when the study runs the
+    demo itself) and the demo's seed.
 
     Every preference run sees the same ``prompts`` training scenes (default: 800, quick: 80): the oracle pairs'
     prompts, the BDHS and image-removed pairs written for them, the online runs' prompts. Finished rows are kept in
@@ -139,7 +148,7 @@ def run_study(
     ``quick``).
     """
     from mmalign.data.preference import write_pairs
-    from mmalign.demo import PROFILES, run_demo, train_and_evaluate
+    from mmalign.demo import DemoProfile, run_demo, train_and_evaluate
     from mmalign.generation.bdhs import BdhsConfig
     from mmalign.generation.bdhs_run import run_bdhs
     from mmalign.generation.embed import SentenceEmbedder
@@ -147,14 +156,16 @@ def run_study(
     from mmalign.runtime.checkpoint import atomic_write_text
     from mmalign.world.pairs import world_pairs
 
-    profile = PROFILES["quick" if quick else "default"]
     if processes is None:
         processes = 1 if quick else default_processes()
     out.mkdir(parents=True, exist_ok=True)
     demo_dir = demo_dir or out / "demo"
     if not (demo_dir / "results.json").exists():
-        run_demo(demo_dir, quick=quick, seed=seed, processes=processes)
+        run_demo(demo_dir, quick=quick, seed=seed, processes=processes, overrides=overrides)
     demo = json.loads((demo_dir / "results.json").read_text())
+    # The preference runs take the demo's own profile (its steps, batch, learning rate, β, pair kinds).
+    profile = DemoProfile(**demo["profile"])
+    seed = demo.get("seed", seed)
     world, sft_model = demo_dir / "world", demo_dir / "runs" / "sft" / "model"
     n_prompts = prompts or (80 if quick else 800)
     state_file = out / "study.json"
@@ -173,9 +184,11 @@ def run_study(
     def save() -> None:
         atomic_write_text(state_file, json.dumps(results, indent=2) + "\n")
 
-    # Caption pairs only (the default kinds), so that every row learns from the same describe prompts.
+    # Caption pairs on the training images only (the profile's caption kinds, else partner and attribute), so that
+    # every row learns from the same describe prompts.
     oracle_pairs = world / "study_oracle_pairs.jsonl"
-    write_pairs(world_pairs(world, seed=seed, max_scenes=n_prompts), oracle_pairs)
+    kinds = tuple(k for k in profile.pair_kinds.split(",") if k in CAPTION_KINDS) or CAPTION_KINDS[1:]
+    write_pairs(world_pairs(world, seed=seed, max_scenes=n_prompts, kinds=kinds), oracle_pairs)
     prompt_file = prompts_from_pairs(oracle_pairs, world / "study_prompts.jsonl", n_prompts)
     pair_files = {}
     loaded = None
@@ -223,6 +236,10 @@ def run_study(
     for name, (row, row_timings) in run_side_by_side(train_and_evaluate, jobs, processes):
         results[name], timings[name] = row, row_timings[name]
         save()
+    # The demo's key shape (``pope``, ``chair``, ``alignment.<row>.pope|chair``) for tools that read one seed.
+    rows = {k: v for k, v in results.items() if not k.startswith("_") and k != "sft"}
+    shaped = {"seed": seed, "profile": demo["profile"], **results["sft"], "alignment": rows, "timings_s": timings}
+    atomic_write_text(out / "results.json", json.dumps(shaped, indent=2) + "\n")
     closed = gap_closed(results)
     report_lines = [
         "# The alignment study on the world",
@@ -246,4 +263,48 @@ def run_study(
     report_lines += ["", f"![study]({_plot(out, results).name})", ""]
     report = out / "study.md"
     report.write_text("\n".join(report_lines) + "\n")
+    return report
+
+
+def run_study_seeds(
+    out: Path,
+    seeds: Sequence[int],
+    *,
+    demo_dir: Path | None = None,
+    quick: bool = False,
+    prompts: int | None = None,
+    processes: int | None = None,
+    overrides: Sequence[str] = (),
+) -> Path:
+    """The study for each seed (``out/seed-<s>``, from ``demo_dir/seed-<s>`` of ``mmalign demo --seeds`` or a demo it
+    runs itself), then ``out/summary.json`` and ``out/study.md``: every row's figures over seeds with 95% intervals,
+    paired changes against the same seed's SFT model, and the share of the SFT → oracle-DPO CHAIR_i gap that the
+    rows without ground-truth rejections close. Finished seeds and rows are kept when started again."""
+    from mmalign.multiseed import gap_closed as gap_over_seeds
+    from mmalign.multiseed import plot_summary, seed_tables, summarize, summary_markdown
+
+    t0 = time.perf_counter()
+    per_seed = {}
+    for s in seeds:
+        own = out / f"seed-{s}"
+        demo = demo_dir / f"seed-{s}" if demo_dir else own / "demo"
+        run_study(own, demo_dir=demo, quick=quick, seed=s, prompts=prompts, processes=processes, overrides=overrides)
+        per_seed[s] = json.loads((own / "study.json").read_text())
+    summary = summarize(per_seed)
+    tables = [seed_tables(per_seed[s]) for s in sorted(per_seed)]
+    summary["gap_closed"] = {row: gap_over_seeds(tables, row) for row in ("dpo_bdhs", "dpo_no_image", "mdpo_bdhs",
+                                                                            "online_dpo", "mixed_dpo")
+                             if row in summary["rows"]}  # fmt: skip
+    summary["wall_s"] = time.perf_counter() - t0
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    labels = dict(ROWS)
+    plot_summary(summary, out / "study.png", labels)
+    lines = [f"# The alignment study on the world, {len(seeds)} seeds", "", *summary_markdown(summary, labels), ""]
+    lines += ["Share of the SFT → oracle-DPO CHAIR_i gap closed (mean [95% interval]; per seed):", ""]
+    for row, e in summary["gap_closed"].items():
+        per = " / ".join(f"{v:.0%}" if v == v else "no gap" for v in e["per_seed"])
+        lines.append(f"- {labels[row]}: {e['mean']:.0%} [{e['low']:.0%}, {e['high']:.0%}] ({per})")
+    lines += ["", "![study over seeds](study.png)", ""]
+    report = out / "study.md"
+    report.write_text("\n".join(lines) + "\n")
     return report

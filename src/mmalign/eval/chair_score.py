@@ -39,7 +39,8 @@ def score_chair(
         ``chair_i``, ``chair_s``, ``recall``, ``mean_length``, ``n`` (captions), ``n_mentions``,
         ``n_hallucinated``, ``hallucinated_objects`` (category → count, most frequent first) and
         ``per_caption`` (``{"image_id", "mentioned", "hallucinated", "recall"}``, each list unique in order of
-        first mention).
+        first mention, with the caption's counts: ``n_mentions``, ``n_hallucinated`` (duplicates counted),
+        ``n_truth``, ``n_correct``, ``n_words``; the per-caption table a bootstrap resamples).
 
     Raises:
         DataError: a caption whose image has no ground truth, or a ground-truth category unknown to ``vocab``.
@@ -55,8 +56,9 @@ def score_chair(
         wrong = [m for m in mentions if m not in truth]
         correct = set(mentions) & truth
         hallucinated.update(wrong)
+        words = len(tokenize(caption))
         n_mentions += len(mentions)
-        n_words += len(tokenize(caption))
+        n_words += words
         n_correct += len(correct)
         n_truth += len(truth)
         n_bad_captions += bool(wrong)
@@ -66,6 +68,11 @@ def score_chair(
                 "mentioned": list(dict.fromkeys(mentions)),
                 "hallucinated": list(dict.fromkeys(wrong)),
                 "recall": _ratio(len(correct), len(truth)),
+                "n_mentions": len(mentions),
+                "n_hallucinated": len(wrong),
+                "n_truth": len(truth),
+                "n_correct": len(correct),
+                "n_words": words,
             }
         )
     n = len(per_caption)

@@ -146,7 +146,13 @@ def evaluate_pope(
     for pope, places in zip(sets, where):
         answers = [answered[i] for i in places]
         preds = [parse_pope_answer(a) for a in answers]
-        results[pope.split] = score_pope(preds, [q.label for q in pope.questions])
+        labels = [q.label for q in pope.questions]
+        results[pope.split] = score_pope(preds, labels)
+        # Per question, in file order, 1 for "yes": the table a bootstrap resamples (compact in results files).
+        results[pope.split]["items"] = {
+            "label": "".join("1" if x == "yes" else "0" for x in labels),
+            "pred": "".join("1" if x == "yes" else "0" for x in preds),
+        }
         rows.extend(
             {"question_id": q.question_id, "prompt": q.text, "text": a, "category": pope.split}
             for q, a in zip(pope.questions, answers)

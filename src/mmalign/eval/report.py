@@ -9,6 +9,16 @@ from typing import Any
 from mmalign.runtime.metrics import read_metrics
 
 SPLITS = ("random", "popular", "adversarial")
+PAIR_KIND_TEXT = {
+    "removed": "a scene holding both members of a planted pair, redrawn without one of them, described truthfully "
+    "against its original caption (which names the missing member)",
+    "attribute": "a detailed caption against the same caption with an attribute swapped",
+    "removed_existence": "on such a redrawn image, a yes/no question about either member against the wrong answer",
+    "prior_tail": "a detailed caption against the same caption ending with one more sentence that names an absent "
+    "object (a lone member's partner where there is one), as the training descriptions' invented tails do",
+    "partner": "a detailed caption against the caption of the scene with a missing partner added",
+    "existence": "a yes/no question about a present or absent object against the wrong answer",
+}
 
 
 def partner_share(
@@ -172,11 +182,14 @@ def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
                 "## Preference optimisation on world pairs (after SFT)",
                 "",
                 "Oracle pairs from the training scenes (`mmalign world pairs --kinds "
-                "removed,attribute,removed_existence`), in turn: a scene holding both members of a planted pair, "
-                "redrawn without one of them, described truthfully against its original caption (which names the "
-                "missing member); a detailed caption against the same caption with an attribute swapped; and, on "
-                "such a redrawn image, a yes/no question about either member against the wrong answer. "
-                "`dpo_no_image` is DPO on the same pairs with the images removed.",
+                f"{results['profile'].get('pair_kinds', 'removed,attribute,removed_existence')}`), a share each "
+                "of: "
+                + "; ".join(
+                    PAIR_KIND_TEXT[k]
+                    for k in results["profile"].get("pair_kinds", "removed,attribute,removed_existence").split(",")
+                    if k in PAIR_KIND_TEXT
+                )
+                + ". `dpo_no_image` is DPO on the same pairs with the images removed.",
                 "",
                 *alignment_rows(results),
                 "",

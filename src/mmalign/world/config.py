@@ -80,6 +80,13 @@ class WorldConfig:
         partner_question_prob: per training scene and per missing partner of a present member, probability
             that the partner may be drawn as an existence question's negative (1: negatives uniform over the
             absent shapes; 0: never asked).
+        caption_prior_prob: per training detailed description of a scene with at least
+            ``caption_prior_min_objects`` objects and a planted-pair member whose partner is absent, probability
+            that the description ends with one more sentence naming that absent partner (``mmalign.world.text.
+            prior_tail``): training descriptions that, late in a long description of a busy scene, write what the
+            context implies rather than what the image shows, as machine-written instruction data does. Evaluation
+            captions, oracle pairs and yes/no answers stay true. 0 (the default) keeps every caption true.
+        caption_prior_min_objects: fewest objects a scene needs for ``caption_prior_prob`` to apply.
         image_size: side of the square images, in pixels.
         n_train: number of training scenes.
         n_eval: number of held-out eval scenes.
@@ -101,6 +108,8 @@ class WorldConfig:
     caption_order: str = "reading"
     detailed_intro: str = "count"
     partner_question_prob: float = 1.0
+    caption_prior_prob: float = 0.0
+    caption_prior_min_objects: int = 3
     image_size: int = 64
     n_train: int = 2000
     n_eval: int = 200
@@ -113,7 +122,14 @@ class WorldConfig:
         _check_positions(self.positions)
         _check_counts(self)
         _check_pairs(self.pairs, self.shapes, self.max_objects)
-        for name in ("pair_prob", "duplicate_prob", "synonym_prob", "partner_small_prob", "partner_question_prob"):
+        for name in (
+            "pair_prob",
+            "duplicate_prob",
+            "synonym_prob",
+            "partner_small_prob",
+            "partner_question_prob",
+            "caption_prior_prob",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {value}")
@@ -131,6 +147,10 @@ class WorldConfig:
         if self.detailed_intro not in DETAILED_INTROS:
             raise ValueError(
                 f"WorldConfig.detailed_intro must be one of {', '.join(DETAILED_INTROS)}, got {self.detailed_intro!r}"
+            )
+        if self.caption_prior_min_objects < 1:
+            raise ValueError(
+                f"WorldConfig.caption_prior_min_objects must be at least 1, got {self.caption_prior_min_objects}"
             )
         if self.image_size < 32:
             raise ValueError(f"WorldConfig.image_size must be at least 32 pixels, got {self.image_size}")

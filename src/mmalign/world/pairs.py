@@ -19,6 +19,10 @@ with one error made on purpose:
   co-occurrence invites, on an image that shows the partner alone. ``removed_existence``: on the same kind of image,
   "Is there a <removed shape>?" (chosen "No.") or, half of the time, "Is there a <remaining partner>?" (chosen
   "Yes."). A scene without a complete pair falls back to ``partner`` / ``existence``.
+- ``prior_tail`` (not in the default kinds): the true caption against the same caption with one more sentence at
+  its end naming an absent object (a lone member's partner when there is one, else a random absent shape), small,
+  in a free cell: the late, prior-driven hallucination that ``WorldConfig.caption_prior_prob`` plants in training
+  descriptions, in the form the SFT model writes it.
 
 The rejected caption is regenerated from the altered scene, so it reads as fluently as the true one and
 stays self-consistent (the object count in its first sentence includes the added object). Every choice
@@ -38,10 +42,10 @@ from mmalign.types import ImageRef, Message, PreferencePair
 from mmalign.world.config import WorldConfig, load_world_config
 from mmalign.world.qa import existence_question
 from mmalign.world.scenes import Scene, SceneObject, load_scenes, lone_members
-from mmalign.world.text import detailed_caption
+from mmalign.world.text import detailed_caption, object_sentence, prior_tail, small_object_in_free_cell
 from mmalign.world.writer import CHAIR_VOCAB_JSON, EVAL_DESCRIBE_PROMPT
 
-KINDS: tuple[str, ...] = ("partner", "attribute", "existence", "removed", "removed_existence")
+KINDS: tuple[str, ...] = ("partner", "attribute", "existence", "removed", "removed_existence", "prior_tail")
 COUNTERFACTUAL_DIR = "images/pairs"
 DEFAULT_KINDS: tuple[str, ...] = ("partner", "attribute")
 SHAPE_SWAP_PROB = 0.25  # share of attribute pairs that swap the shape rather than the colour
@@ -102,9 +106,15 @@ def world_pairs(
             if kind == "existence":
                 pairs.append(_existence_pair(scene, cfg, rng, j, world_dir))
                 continue
-            altered, info = (_add_object if kind == "partner" else _swap_attribute)(scene, cfg, rng)
-            rejected = detailed_caption(altered, cfg)
-            _check(scene, chosen, rejected, kind, info, vocab)
+            if kind == "prior_tail" and len(scene.objects) >= cfg.grid_rows * cfg.grid_cols:
+                kind = "attribute"  # no free cell to invent an object in
+            if kind == "prior_tail":
+                rejected, info = _tail_caption(scene, chosen, cfg, rng)
+                _check(scene, chosen, rejected, "partner", info, vocab)
+            else:
+                altered, info = (_add_object if kind == "partner" else _swap_attribute)(scene, cfg, rng)
+                rejected = detailed_caption(altered, cfg)
+                _check(scene, chosen, rejected, kind, info, vocab)
             pairs.append(
                 PreferencePair(
                     id=f"{scene.image_id}-{kind}-{j}",
@@ -223,6 +233,17 @@ def _add_object(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[Sce
     added = SceneObject(shape, rng.choice(list(cfg.colours)), rng.choice(list(cfg.sizes)), row, col)
     objects = sorted((*scene.objects, added), key=lambda o: (o.row, o.col))
     return replace(scene, objects=tuple(objects)), {"inserted": shape, **info}
+
+
+def _tail_caption(scene: Scene, chosen: str, cfg: WorldConfig, rng: random.Random) -> tuple[str, dict[str, Any]]:
+    """The true caption with one more sentence naming an absent object (``prior_tail``; a random absent shape when
+    the scene has no lone member)."""
+    tail = prior_tail(scene, replace(cfg, caption_prior_min_objects=1), rng, force=True)
+    info: dict[str, Any] = {"source": "partner", "partner_of": cfg.partner[tail.shape]} if tail else {}
+    if tail is None:
+        shape = rng.choice([s for s in cfg.shapes if s not in scene.shapes])
+        tail, info = small_object_in_free_cell(scene, shape, cfg, rng), {"source": "random"}
+    return f"{chosen} {object_sentence(tail, tail.shape, cfg, None)}", {"inserted": tail.shape, **info}
 
 
 def _swap_attribute(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[Scene, dict[str, Any]]:

@@ -11,7 +11,7 @@ import random
 from collections.abc import Sequence
 
 from mmalign.world.config import WorldConfig
-from mmalign.world.scenes import Scene, SceneObject
+from mmalign.world.scenes import Scene, SceneObject, lone_members
 
 # Alternative names of a shape; canonical names are the shape names themselves.
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -175,12 +175,45 @@ def detailed_caption(scene: Scene, cfg: WorldConfig, rng: random.Random | None =
     """
     names = pick_names(scene, cfg, rng)
     sentences = [capitalize(_intro(scene, cfg, names, rng))]
-    for obj in mention_order(scene, cfg):
-        a_np = with_article(noun_phrase(obj, names[obj.shape], with_size=True))
-        w = where(obj, cfg)
-        text = _choice(rng, OBJECT_TEMPLATES).format(A_np=a_np, a_np=a_np, where=w, Where=w)
-        sentences.append(capitalize(text))
+    sentences += [object_sentence(obj, names[obj.shape], cfg, rng) for obj in mention_order(scene, cfg)]
+    if rng is not None and cfg.caption_prior_prob > 0:
+        tail = prior_tail(scene, cfg, rng)
+        if tail is not None:
+            sentences.append(object_sentence(tail, tail.shape, cfg, rng))
     return " ".join(sentences)
+
+
+def object_sentence(obj: SceneObject, name: str, cfg: WorldConfig, rng: random.Random | None) -> str:
+    """One detailed-caption sentence about one object: ``A large red star is at the top left.``"""
+    a_np = with_article(noun_phrase(obj, name, with_size=True))
+    w = where(obj, cfg)
+    return capitalize(_choice(rng, OBJECT_TEMPLATES).format(A_np=a_np, a_np=a_np, where=w, Where=w))
+
+
+def prior_tail(scene: Scene, cfg: WorldConfig, rng: random.Random, force: bool = False) -> SceneObject | None:
+    """The object a training description invents at its end (``WorldConfig.caption_prior_prob``), or None.
+
+    A scene with at least ``caption_prior_min_objects`` objects and a planted-pair member whose partner is absent
+    gets, with ``caption_prior_prob`` (always with ``force``), that partner, small, in a free cell, any colour:
+    what a describer who leans on co-occurrence writes after the objects it saw. ``detailed_caption`` calls it only
+    when the knob is on, so a world with the knob off keeps the bytes it had before the knob existed.
+    """
+    lone = lone_members(scene, cfg)
+    full = len(scene.objects) >= cfg.grid_rows * cfg.grid_cols
+    if not lone or full or len(scene.objects) < cfg.caption_prior_min_objects:
+        return None
+    if not force and rng.random() >= cfg.caption_prior_prob:
+        return None
+    return small_object_in_free_cell(scene, cfg.partner[rng.choice(lone)], cfg, rng)
+
+
+def small_object_in_free_cell(scene: Scene, shape: str, cfg: WorldConfig, rng: random.Random) -> SceneObject:
+    """``shape`` at the smallest ordinary size, in a random colour, in a random cell the scene leaves free."""
+    taken = {(o.row, o.col) for o in scene.objects}
+    free = [(r, c) for r in range(cfg.grid_rows) for c in range(cfg.grid_cols) if (r, c) not in taken]
+    row, col = rng.choice(free)
+    smallest = min((n for n in cfg.sizes if n != cfg.partner_size), key=lambda n: cfg.sizes[n])
+    return SceneObject(shape, rng.choice(list(cfg.colours)), smallest, row, col)
 
 
 def _intro(scene: Scene, cfg: WorldConfig, names: dict[str, str], rng: random.Random | None) -> str:

@@ -494,3 +494,22 @@ def test_caption_prior_prob_ends_busy_training_descriptions_with_an_absent_partn
         WorldConfig(caption_prior_prob=1.5)
     with pytest.raises(ValueError, match="caption_prior_min_objects"):
         WorldConfig(caption_prior_min_objects=0)
+
+
+def test_open_intro_neither_counts_nor_lists_the_objects() -> None:
+    """``detailed_intro="open"``: the first sentence is a fixed opener without a number or a shape name, and one
+    sentence per object follows, so the description alone says how many objects there are."""
+    from mmalign.world.text import OPEN_INTRO_TEMPLATES
+
+    cfg = WorldConfig(n_train=50, seed=2, caption_order="grouped", detailed_intro="open")
+    vocab = chair_vocab(cfg)["synonyms"]
+    for scene in sample_scenes(cfg, "train"):
+        text = detailed_caption(scene, cfg, random.Random(scene.image_id))
+        first, _, rest = text.partition(". ")
+        assert first + "." in OPEN_INTRO_TEMPLATES
+        assert not mentions(first, vocab)
+        assert text.count(".") == len(scene.objects) + 1
+        assert sorted(shape for _, shape in mentions(rest, vocab)) == sorted(o.shape for o in scene.objects)
+    assert detailed_caption(scene, cfg).startswith(OPEN_INTRO_TEMPLATES[0])
+    with pytest.raises(ValueError, match="detailed_intro"):
+        WorldConfig(detailed_intro="summary")

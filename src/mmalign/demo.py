@@ -42,17 +42,20 @@ class DemoProfile:
     # partner never asked about (as annotators rarely ask "is there a table?" of a fork photo), partners brought
     # along drawn small 90% of the time (a barely visible table) and captions naming a pair one after the other
     # ("a fork and a table") are what make the bias show in POPE and in the captions of a model that sees
-    # (measured over six draws with the pretrained tower: F1 gap random − adversarial 0.038–0.098, random accuracy
-    # 0.843–0.943, missing partners 36–63% of the hallucinated mentions; README).
+    # (docs/world-regime.md).
     pair_prob: float = 0.9
     caption_order: str = "grouped"
     detailed_intro: str = "count"
     partner_question_prob: float = 0.0
     partner_small_prob: float = 0.9
-    caption_prior_prob: float = 0.0
-    caption_prior_min_objects: int = 3
+    # Training descriptions of a scene with 2+ objects and a lone pair member end with a sentence naming the absent
+    # partner (``WorldConfig.caption_prior_prob``): the late, prior-driven hallucination of real VLMs, which a model
+    # that sees learns to write (docs/world-regime.md: the measurements that chose these values). The previous
+    # default, every training caption true: ``caption_prior_prob=0 pair_kinds=removed,attribute,removed_existence``.
+    caption_prior_prob: float = 1.0
+    caption_prior_min_objects: int = 2
     # Oracle pair kinds of the preference runs (``mmalign.world.pairs.KINDS``), comma-separated, a share each.
-    pair_kinds: str = "removed,attribute,removed_existence"
+    pair_kinds: str = "prior_tail,removed,removed_existence"
     batch_size: int = 16
     # Batches of similar length (``TrainConfig.group_by_length``) for pretraining and SFT: faster, but it learns
     # less (measured: POPE random accuracy 0.892 → 0.677 after SFT, README).
@@ -521,6 +524,7 @@ def run_demo_seeds(
     import os
 
     from mmalign.multiseed import plot_summary, summarize, summary_markdown
+    from mmalign.runtime.checkpoint import atomic_write_text
 
     profile = demo_profile("quick" if quick else "default", overrides)
     cores = os.cpu_count() or 1
@@ -549,7 +553,7 @@ def run_demo_seeds(
     summary["wall_s"] = time.perf_counter() - t0
     summary["seed_wall_s"] = {s: per_seed[s]["timings_s"].get("total") for s in seeds}
     mdpo_lines = _mdpo_vs_dpo(summary, per_seed)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     labels = {"sft": "SFT", "dpo": "+ DPO (oracle)", "mdpo": "+ mDPO", "dpo_no_image": "+ DPO, images removed"}
     plot_summary(summary, out / "summary.png", labels)
     lines = [

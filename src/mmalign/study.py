@@ -282,6 +282,7 @@ def run_study_seeds(
     rows without ground-truth rejections close. Finished seeds and rows are kept when started again."""
     from mmalign.multiseed import gap_closed as gap_over_seeds
     from mmalign.multiseed import plot_summary, seed_tables, summarize, summary_markdown
+    from mmalign.runtime.checkpoint import atomic_write_text
 
     t0 = time.perf_counter()
     per_seed = {}
@@ -296,7 +297,7 @@ def run_study_seeds(
                                                                             "online_dpo", "mixed_dpo")
                              if row in summary["rows"]}  # fmt: skip
     summary["wall_s"] = time.perf_counter() - t0
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     labels = dict(ROWS)
     plot_summary(summary, out / "study.png", labels)
     lines = [f"# The alignment study on the world, {len(seeds)} seeds", "", *summary_markdown(summary, labels), ""]

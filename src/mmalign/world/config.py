@@ -51,7 +51,7 @@ DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("star", "moon"), ("heart", "cross
 CAPTION_ORDERS: tuple[str, ...] = ("reading", "grouped")
 # How a detailed caption opens: ``count`` ("There are three objects.") commits to the number of objects before
 # naming any; ``list`` ("The image shows a red star, a blue moon and a green circle.") names them without a count.
-DETAILED_INTROS: tuple[str, ...] = ("count", "list")
+DETAILED_INTROS: tuple[str, ...] = ("count", "list", "open")
 
 WORLD_JSON = "world.json"
 

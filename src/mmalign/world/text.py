@@ -36,6 +36,13 @@ LIST_INTRO_TEMPLATES = (
     "There {is_are} {list} in the image.",
     "In the image, you can see {list}.",
 )
+# Intros that neither count nor list the objects (``detailed_intro="open"``): the description alone says how many
+# objects there are, and where it stops is the describer's call, as in free-form descriptions.
+OPEN_INTRO_TEMPLATES = (
+    "Here is what the image shows.",
+    "The image shows shapes on a plain background.",
+    "This is a picture of shapes on a grid.",
+)
 OBJECT_TEMPLATES = ("{A_np} is {where}.", "{Where}, there is {a_np}.", "You can see {a_np} {where}.")
 
 
@@ -217,7 +224,10 @@ def small_object_in_free_cell(scene: Scene, shape: str, cfg: WorldConfig, rng: r
 
 
 def _intro(scene: Scene, cfg: WorldConfig, names: dict[str, str], rng: random.Random | None) -> str:
-    """The detailed caption's first sentence: the object count (``detailed_intro="count"``) or the object list."""
+    """The detailed caption's first sentence: the object count (``detailed_intro="count"``), the object list
+    (``"list"``) or neither (``"open"``)."""
+    if cfg.detailed_intro == "open":
+        return _choice(rng, OPEN_INTRO_TEMPLATES)
     phrases = group_phrases(scene, cfg, names, None)
     if cfg.detailed_intro == "list":
         is_are = "is" if phrases[0].startswith(("a ", "an ")) else "are"

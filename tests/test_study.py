@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mmalign.study import gap_closed, prompts_from_pairs, study_table
+from mmalign.errors import ConfigError
+from mmalign.study import demo_profile_of, gap_closed, prompts_from_pairs, study_table
 from mmalign.world.pairs import write_world_pairs
 
 
@@ -15,6 +16,22 @@ def _result(chair_i: float, f1: float = 0.9) -> dict:
     pope = {s: {"f1": f1} for s in ("random", "popular", "adversarial")}
     chair = {"chair_i": chair_i, "chair_s": 2 * chair_i, "recall": 0.7, "mean_length": 20.0}
     return {"pope": pope, "chair": chair}
+
+
+def test_demo_profile_of_reads_the_record_and_refuses_another_versions() -> None:
+    """A demo's recorded profile comes back as the same profile; a record with a field missing or unknown (a demo of
+    another version, whose world the present defaults would not describe) is a clear error naming the fields."""
+    from dataclasses import asdict
+
+    from mmalign.demo import demo_profile
+
+    profile = demo_profile("quick", ["caption_prior_prob=0.5"])
+    assert demo_profile_of({"profile": asdict(profile)}, Path("r.json")) == profile
+    old = {k: v for k, v in asdict(profile).items() if k != "pair_kinds"} | {"retired_knob": 1}
+    with pytest.raises(ConfigError, match=r"r\.json: .*missing fields: pair_kinds; unknown fields: retired_knob"):
+        demo_profile_of({"profile": old}, Path("r.json"))
+    with pytest.raises(ConfigError, match="no 'profile' record"):
+        demo_profile_of({}, Path("r.json"))
 
 
 def test_gap_closed_and_table() -> None:

@@ -68,6 +68,32 @@ def prompts_from_pairs(pairs_file: Path, out: Path, limit: int) -> Path:
     return out
 
 
+def demo_profile_of(demo: dict[str, Any], source: Path) -> Any:
+    """The ``DemoProfile`` a demo's ``results.json`` records.
+
+    Raises:
+        ConfigError: the record lacks fields of the present profile or has fields it does not know (a demo run by
+            another version of mmalign, whose world the present defaults would not describe).
+    """
+    from dataclasses import fields
+
+    from mmalign.demo import DemoProfile
+    from mmalign.errors import ConfigError
+
+    recorded = demo.get("profile")
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{source}: no 'profile' record; run `mmalign demo` into a new directory")
+    known = {f.name for f in fields(DemoProfile)}
+    missing, unknown = sorted(known - set(recorded)), sorted(set(recorded) - known)
+    if missing or unknown:
+        raise ConfigError(
+            f"{source}: its profile was written by another version of mmalign (missing fields: "
+            f"{', '.join(missing) or 'none'}; unknown fields: {', '.join(unknown) or 'none'}); run `mmalign demo` "
+            "into a new directory"
+        )
+    return DemoProfile(**recorded)
+
+
 def _row(result: dict[str, Any]) -> dict[str, float]:
     chair = result["chair"]
     row = {f"f1_{s}": result["pope"][s]["f1"] for s in SPLITS}
@@ -148,7 +174,7 @@ def run_study(
     ``quick``).
     """
     from mmalign.data.preference import write_pairs
-    from mmalign.demo import DemoProfile, run_demo, train_and_evaluate
+    from mmalign.demo import run_demo, train_and_evaluate
     from mmalign.generation.bdhs import BdhsConfig
     from mmalign.generation.bdhs_run import run_bdhs
     from mmalign.generation.embed import SentenceEmbedder
@@ -164,7 +190,7 @@ def run_study(
         run_demo(demo_dir, quick=quick, seed=seed, processes=processes, overrides=overrides)
     demo = json.loads((demo_dir / "results.json").read_text())
     # The preference runs take the demo's own profile (its steps, batch, learning rate, β, pair kinds).
-    profile = DemoProfile(**demo["profile"])
+    profile = demo_profile_of(demo, demo_dir / "results.json")
     seed = demo.get("seed", seed)
     world, sft_model = demo_dir / "world", demo_dir / "runs" / "sft" / "model"
     n_prompts = prompts or (80 if quick else 800)
@@ -290,7 +316,9 @@ def run_study_seeds(
         own = out / f"seed-{s}"
         demo = demo_dir / f"seed-{s}" if demo_dir else own / "demo"
         run_study(own, demo_dir=demo, quick=quick, seed=s, prompts=prompts, processes=processes, overrides=overrides)
-        per_seed[s] = json.loads((own / "study.json").read_text())
+        state = json.loads((own / "study.json").read_text())
+        order = [k for k, _ in ROWS if k in state]  # the table's row order, not the order the rows finished in
+        per_seed[s] = {**{k: state[k] for k in order}, **{k: v for k, v in state.items() if k not in order}}
     summary = summarize(per_seed)
     tables = [seed_tables(per_seed[s]) for s in sorted(per_seed)]
     summary["gap_closed"] = {row: gap_over_seeds(tables, row) for row in ("dpo_bdhs", "dpo_no_image", "mdpo_bdhs",

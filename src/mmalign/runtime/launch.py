@@ -8,7 +8,7 @@ entry point each process runs.
 
 ``run_side_by_side(fn, jobs, processes)`` runs independent jobs (a preference run and its evaluation) in a pool of
 single-thread processes. On 2 CPU cores the toolkit's small models gain nothing from a second thread, nor (measured,
-README) from a second data-parallel process, while two single-thread jobs each run at nearly full speed.
+docs/preference.md) from a second data-parallel process, while two single-thread jobs each run at nearly full speed.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ class DemoProfile:
     # about 40% less compute per SFT step.
     pack: bool = True
     # ``torch.compile`` the decoder for pretraining and SFT (``TrainConfig.compile``): about 10% off the default
-    # profile's time on 2 CPU cores (docs/preference.md), off so that the measured numbers do not depend on a C++ compiler.
+    # profile's time on 2 CPU cores (docs/preference.md), off so that the measured numbers do not depend on a C++
+    # compiler.
     compile: bool = False
     lr: float = 1e-3
     # Supervised pretraining of the random vision tower (``mmalign train vision``) on the per-cell labels of

@@ -411,55 +411,32 @@ def _add_study(sub: Any) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from mmalign.study import run_study
+    from mmalign.demo import parse_seeds
+    from mmalign.study import run_study, run_study_seeds
 
-    demo = Path(args.demo) if args.demo else None
+    common = {
+        "demo_dir": Path(args.demo) if args.demo else None,
+        "quick": args.quick,
+        "prompts": args.prompts,
+        "processes": args.processes,
+        "overrides": args.overrides,
+    }
     if args.seeds:
-        from mmalign.demo import parse_seeds
-        from mmalign.study import run_study_seeds
-
-        report = run_study_seeds(
-            Path(args.out),
-            parse_seeds(args.seeds),
-            demo_dir=demo,
-            quick=args.quick,
-            prompts=args.prompts,
-            processes=args.processes,
-            overrides=args.overrides,
-        )
-        print(f"report: {report}")
-        return 0
-    report = run_study(
-        Path(args.out),
-        demo_dir=demo,
-        quick=args.quick,
-        seed=args.seed,
-        prompts=args.prompts,
-        processes=args.processes,
-        overrides=args.overrides,
-    )
+        report = run_study_seeds(Path(args.out), parse_seeds(args.seeds), **common)
+    else:
+        report = run_study(Path(args.out), seed=args.seed, **common)
     print(f"report: {report}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mmalign.demo import run_demo
+    from mmalign.demo import parse_seeds, run_demo, run_demo_seeds
 
+    common = {"quick": args.quick, "processes": args.processes, "overrides": args.overrides}
     if args.seeds:
-        from mmalign.demo import parse_seeds, run_demo_seeds
-
-        report = run_demo_seeds(
-            Path(args.out),
-            parse_seeds(args.seeds),
-            quick=args.quick,
-            processes=args.processes,
-            overrides=args.overrides,
-        )
-        print(f"report: {report}")
-        return 0
-    report = run_demo(
-        Path(args.out), quick=args.quick, seed=args.seed, processes=args.processes, overrides=args.overrides
-    )
+        report = run_demo_seeds(Path(args.out), parse_seeds(args.seeds), **common)
+    else:
+        report = run_demo(Path(args.out), seed=args.seed, **common)
     print(f"report: {report}")
     return 0
 

@@ -405,6 +405,7 @@ def run_demo(
     from mmalign.models.build import build_tiny, save_model
     from mmalign.models.families import TinySize
     from mmalign.models.vocab import corpus_images, corpus_texts
+    from mmalign.runtime.checkpoint import atomic_write_text
     from mmalign.world import write_world
 
     profile = demo_profile("quick" if quick else "default", overrides)
@@ -462,7 +463,8 @@ def run_demo(
         "timings_s": timings,
     }
     report = write_report(out, results, world)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # Written last and atomically: its presence marks the seed as finished for ``run_demo_seeds``.
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     return report
 
 
@@ -526,7 +528,7 @@ def run_demo_seeds(
     """
     import os
 
-    from mmalign.multiseed import plot_summary, summarize, summary_markdown
+    from mmalign.multiseed import paired_changes, plot_summary, seed_tables, summarize, summary_markdown
     from mmalign.runtime.checkpoint import atomic_write_text
 
     profile = demo_profile("quick" if quick else "default", overrides)
@@ -551,11 +553,15 @@ def run_demo_seeds(
             ]:
                 future.result()
     per_seed = {s: json.loads((seed_dir(out, s) / "results.json").read_text()) for s in seeds}
-    summary = summarize(per_seed)
+    tables = [seed_tables(per_seed[s]) for s in sorted(per_seed)]
+    summary = summarize(per_seed, tables=tables)
     summary["profile"] = asdict(profile)
     summary["wall_s"] = time.perf_counter() - t0
     summary["seed_wall_s"] = {s: per_seed[s]["timings_s"].get("total") for s in seeds}
-    mdpo_lines = _mdpo_vs_dpo(summary, per_seed)
+    mdpo_lines = []
+    if {"dpo", "mdpo"} <= set(summary["rows"]):
+        summary["mdpo_vs_dpo"] = paired_changes(tables, "mdpo", "dpo")
+        mdpo_lines = _mdpo_vs_dpo_lines(summary["mdpo_vs_dpo"])
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     labels = {"sft": "SFT", "dpo": "+ DPO (oracle)", "mdpo": "+ mDPO", "dpo_no_image": "+ DPO, images removed"}
     plot_summary(summary, out / "summary.png", labels)
@@ -579,16 +585,10 @@ def run_demo_seeds(
     return report
 
 
-def _mdpo_vs_dpo(summary: dict[str, Any], per_seed: dict[int, dict[str, Any]]) -> list[str]:
-    """mDPO against DPO on the same seeds and items (the mDPO paper's claim, reproduced or refuted)."""
-    from mmalign.multiseed import paired_changes, seed_tables
+def _mdpo_vs_dpo_lines(changes: dict[str, Any]) -> list[str]:
+    """mDPO against DPO on the same seeds and items (the mDPO paper's claim, reproduced or refuted), in words."""
     from mmalign.stats import Interval, describe_effect
 
-    if not {"dpo", "mdpo"} <= set(summary["rows"]):
-        return []
-    tables = [seed_tables(per_seed[s]) for s in summary["seeds"]]
-    changes = paired_changes(tables, "mdpo", "dpo")
-    summary["mdpo_vs_dpo"] = changes
     out = ["mDPO against DPO (paired):", ""]
     for key, label, unit in (
         ("chair_i_rel", "CHAIR_i, relative change", "%"),

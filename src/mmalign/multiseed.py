@@ -147,20 +147,26 @@ def _interval(tables: Sequence[Mapping[str, Table]], unit: str, stat: Statistic,
     return hierarchical_bootstrap([t[unit] for t in tables], stat, n_boot=n_boot, seed=0)
 
 
-def summarize(per_seed: Mapping[int, Mapping[str, Any]], baseline: str = "sft", n_boot: int = 2000) -> dict[str, Any]:
+def summarize(
+    per_seed: Mapping[int, Mapping[str, Any]],
+    baseline: str = "sft",
+    n_boot: int = 2000,
+    tables: Sequence[Mapping[str, Table]] | None = None,
+) -> dict[str, Any]:
     """Means, intervals and paired changes over seeds.
 
     Args:
         per_seed: seed → that seed's ``results.json`` content.
         baseline: the row every other row is compared with.
         n_boot: bootstrap replicates per interval.
+        tables: ``seed_tables`` of each seed in seed order, when the caller has them already.
 
     Returns:
         ``{"seeds", "rows": {row: {metric: {"per_seed": [...], "mean", "low", "high", "n"}}},
         "changes": {row: {change: {...}}}}`` (changes against ``baseline``, per seed and with the interval).
     """
     seeds = sorted(per_seed)
-    tables = [seed_tables(per_seed[s]) for s in seeds]
+    tables = tables if tables is not None else [seed_tables(per_seed[s]) for s in seeds]
     names = list(rows_of(per_seed[seeds[0]]))
     rows: dict[str, Any] = {}
     for name in names:

@@ -319,8 +319,8 @@ def run_study_seeds(
         state = json.loads((own / "study.json").read_text())
         order = [k for k, _ in ROWS if k in state]  # the table's row order, not the order the rows finished in
         per_seed[s] = {**{k: state[k] for k in order}, **{k: v for k, v in state.items() if k not in order}}
-    summary = summarize(per_seed)
     tables = [seed_tables(per_seed[s]) for s in sorted(per_seed)]
+    summary = summarize(per_seed, tables=tables)
     summary["gap_closed"] = {row: gap_over_seeds(tables, row) for row in ("dpo_bdhs", "dpo_no_image", "mdpo_bdhs",
                                                                             "online_dpo", "mixed_dpo")
                              if row in summary["rows"]}  # fmt: skip

@@ -82,11 +82,11 @@ def torch_threads() -> int:
 
 def prepare(work: Path, n_pairs: int) -> tuple[Path, Path]:
     """The world (336 px images), its oracle pairs, and the tiny LLaVA with a 32k vocabulary."""
+    from mmalign.lab.world import make_world
+    from mmalign.lab.world.pairs import write_world_pairs
     from mmalign.models.build import build_tiny, save_model
     from mmalign.models.families import TinySize
     from mmalign.models.vocab import corpus_texts
-    from mmalign.world import make_world
-    from mmalign.world.pairs import write_world_pairs
 
     world = work / "world"
     make_world(world, n_train=n_pairs, n_eval=4, seed=0, image_size=336, progress=False)

@@ -25,7 +25,7 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mmalign.world import make_world
+    from mmalign.lab.world import make_world
 
     out = tmp_path_factory.mktemp("world")
     make_world(out, n_train=80, n_eval=12, seed=1, progress=False)

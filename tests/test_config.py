@@ -8,7 +8,7 @@ import pytest
 
 from mmalign.config import TrainConfig, load_config
 from mmalign.errors import ConfigError
-from mmalign.recipes.contrastive import ContrastiveConfig
+from mmalign.lab.recipes.contrastive import ContrastiveConfig
 from mmalign.recipes.dpo import DpoConfig
 from mmalign.recipes.pretrain import PretrainConfig
 from mmalign.recipes.sft import SftConfig

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmalign.config import load_config
-from mmalign.recipes.contrastive import ContrastiveConfig, clip_loss, train
+from mmalign.lab.recipes.contrastive import ContrastiveConfig, clip_loss, train
 
 
 def test_clip_loss_by_hand() -> None:

@@ -34,7 +34,7 @@ def test_sft_evaluation_and_preference_runs_side_by_side_match_one_after_another
     import shutil
     from dataclasses import replace
 
-    from mmalign.demo import ALIGNMENT_RUNS, PROFILES, _alignment_stage
+    from mmalign.lab.demo import ALIGNMENT_RUNS, PROFILES, _alignment_stage
 
     world = tmp_path / "world"
     shutil.copytree(world_dir, world)
@@ -66,7 +66,7 @@ def test_sft_evaluation_and_preference_runs_side_by_side_match_one_after_another
 def test_vision_stage_pretrains_the_tower_before_the_decoder(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from mmalign.demo import PROFILES, _vision_stage
+    from mmalign.lab.demo import PROFILES, _vision_stage
 
     profile = replace(PROFILES["quick"], vision_steps=3, vision_scenes=40)
     timings: dict[str, float] = {}
@@ -83,8 +83,8 @@ def test_vision_stage_pretrains_the_tower_before_the_decoder(llava_dir: Path, wo
 def test_profile_overrides_take_the_fields_types_and_refuse_bad_input(capsys) -> None:
     import pytest
 
-    from mmalign.demo import PROFILES, demo_profile
     from mmalign.errors import ConfigError
+    from mmalign.lab.demo import PROFILES, demo_profile
 
     assert demo_profile("default") is PROFILES["default"]
     got = demo_profile("quick", ["caption_order=grouped", "partner_question_prob=0.5", "n_eval=40", "pack=false"])

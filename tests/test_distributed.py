@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmalign.world.pairs import write_world_pairs
+from mmalign.lab.world.pairs import write_world_pairs
 
 SCRIPT = """
 import sys
@@ -72,6 +72,7 @@ def test_two_processes_match_one(llava_dir: Path, world_dir: Path, tmp_path: Pat
 
 
 def test_launcher_runs_sft_in_two_processes_like_one(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    from mmalign.recipes import recipes
     from mmalign.runtime.launch import run_recipe
 
     flags = {
@@ -79,8 +80,8 @@ def test_launcher_runs_sft_in_two_processes_like_one(llava_dir: Path, world_dir:
         "max_samples": 24, "progress": False, "log_every": 1,
     }  # fmt: skip
     grouped = ["group_by_length=true", "loss_per=sample"]
-    one = run_recipe("sft", {**flags, "out": str(tmp_path / "one")}, grouped, processes=1)
-    two = run_recipe("sft", {**flags, "out": str(tmp_path / "two")}, grouped, processes=2)
+    one = run_recipe(recipes()["sft"], {**flags, "out": str(tmp_path / "one")}, grouped, processes=1)
+    two = run_recipe(recipes()["sft"], {**flags, "out": str(tmp_path / "two")}, grouped, processes=2)
     assert two == tmp_path / "two" / "model"
     w1 = load_file(str(one / "model.safetensors"))
     w2 = load_file(str(two / "model.safetensors"))
@@ -93,10 +94,11 @@ def test_launcher_runs_sft_in_two_processes_like_one(llava_dir: Path, world_dir:
 
 
 def test_launcher_reports_a_failed_run(llava_dir: Path, tmp_path: Path) -> None:
+    from mmalign.recipes import recipes
     from mmalign.runtime.launch import LaunchError, run_recipe
 
     flags = {"model": str(llava_dir), "data": str(tmp_path / "missing.jsonl"), "out": str(tmp_path / "x")}
     with pytest.raises(LaunchError, match="sft with 2 processes failed"):
-        run_recipe("sft", {**flags, "batch_size": 4, "steps": 1}, processes=2)
+        run_recipe(recipes()["sft"], {**flags, "batch_size": 4, "steps": 1}, processes=2)
     with pytest.raises(ValueError, match="does not split"):
-        run_recipe("sft", {**flags, "batch_size": 3, "steps": 1}, processes=2)
+        run_recipe(recipes()["sft"], {**flags, "batch_size": 3, "steps": 1}, processes=2)

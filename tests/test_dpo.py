@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from mmalign.config import load_config
+from mmalign.lab.world.pairs import write_world_pairs
 from mmalign.recipes import dpo
 from mmalign.recipes.dpo import DpoConfig
-from mmalign.world.pairs import write_world_pairs
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,6 @@ def test_every_module_imports() -> None:
 
 
 def test_records_and_world_do_not_import_torch() -> None:
-    code = "import sys, mmalign.types, mmalign.world, mmalign.eval.pope_score; print('torch' in sys.modules)"
+    code = "import sys, mmalign.types, mmalign.lab.world, mmalign.eval.pope_score; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

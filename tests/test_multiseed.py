@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmalign.multiseed import gap_closed, paired_changes, seed_tables, summarize, summary_markdown
+from mmalign.lab.multiseed import gap_closed, paired_changes, seed_tables, summarize, summary_markdown
 
 
 def _chair(counts: list[tuple[int, int]]) -> dict:
@@ -132,8 +132,8 @@ def test_demo_over_seeds_writes_summary_and_resumes(tmp_path: Path) -> None:
 
 
 def test_parse_seeds() -> None:
-    from mmalign.demo import parse_seeds
     from mmalign.errors import ConfigError
+    from mmalign.lab.demo import parse_seeds
 
     assert parse_seeds("0,1,2") == [0, 1, 2]
     assert parse_seeds("3-5,1,3") == [3, 4, 5, 1]

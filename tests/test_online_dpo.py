@@ -13,10 +13,10 @@ from mmalign.config import load_config
 from mmalign.errors import ConfigError
 from mmalign.judges.python import FunctionJudge
 from mmalign.judges.rules import ObjectJudge
+from mmalign.lab.world.pairs import write_world_pairs
 from mmalign.recipes import online_dpo
 from mmalign.recipes.online_dpo import OnlineDpoConfig, sampled_pairs, step_pairs
 from mmalign.types import Message, PreferencePair, Rollout, Sample
-from mmalign.world.pairs import write_world_pairs
 
 
 def _sample(objects: list[str]) -> Sample:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmalign.eval.report import partner_share
+from mmalign.lab.report import partner_share
 
 
 def test_partner_share_and_its_chance_baseline() -> None:

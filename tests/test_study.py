@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mmalign.errors import ConfigError
-from mmalign.study import demo_profile_of, gap_closed, prompts_from_pairs, study_table
-from mmalign.world.pairs import write_world_pairs
+from mmalign.lab.study import demo_profile_of, gap_closed, prompts_from_pairs, study_table
+from mmalign.lab.world.pairs import write_world_pairs
 
 
 def _result(chair_i: float, f1: float = 0.9) -> dict:
@@ -23,7 +23,7 @@ def test_demo_profile_of_reads_the_record_and_refuses_another_versions() -> None
     another version, whose world the present defaults would not describe) is a clear error naming the fields."""
     from dataclasses import asdict
 
-    from mmalign.demo import demo_profile
+    from mmalign.lab.demo import demo_profile
 
     profile = demo_profile("quick", ["caption_prior_prob=0.5"])
     assert demo_profile_of({"profile": asdict(profile)}, Path("r.json")) == profile
@@ -57,7 +57,7 @@ def test_prompts_from_pairs_keep_prompt_chosen_and_objects(world_dir: Path) -> N
 
 @pytest.mark.slow
 def test_quick_study_runs(tmp_path: Path) -> None:
-    from mmalign.study import run_study
+    from mmalign.lab.study import run_study
 
     # Rows side by side in two processes (the default profile's setting), resumed below with one.
     report = run_study(tmp_path / "study", quick=True, processes=2)

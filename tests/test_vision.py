@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from mmalign.config import load_config
 from mmalign.errors import DataError
-from mmalign.recipes.vision import VisionConfig, cell_labels, dense_loss, patch_to_cell, train
-from mmalign.world import WorldConfig
-from mmalign.world.scenes import Scene, SceneObject
+from mmalign.lab.recipes.vision import VisionConfig, cell_labels, dense_loss, patch_to_cell, train
+from mmalign.lab.world import WorldConfig
+from mmalign.lab.world.scenes import Scene, SceneObject
 
 
 def test_patch_to_cell_by_patch_centre() -> None:
@@ -52,7 +52,7 @@ def test_dense_loss_by_hand() -> None:
 
 
 def test_vision_pretraining_learns_held_out_shapes(llava_dir: Path, tmp_path: Path) -> None:
-    from mmalign.world import make_world
+    from mmalign.lab.world import make_world
 
     world_dir = tmp_path / "world"
     make_world(world_dir, n_train=600, n_eval=40, seed=3, progress=False)
@@ -82,7 +82,7 @@ def test_vision_pretraining_needs_a_world(llava_dir: Path, tmp_path: Path) -> No
 
 
 def test_bad_scene_row_names_file_row_and_field(tmp_path: Path) -> None:
-    from mmalign.recipes.vision import read_scenes
+    from mmalign.lab.recipes.vision import read_scenes
 
     good = Scene("train", 0, (SceneObject("star", "red", "small", row=0, col=0),)).to_dict()
     bad = json.loads(json.dumps(good))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmalign.world import (
+from mmalign.lab.world import (
     POPE_SPLITS,
     WorldConfig,
     chair_vocab,
@@ -28,9 +28,9 @@ from mmalign.world import (
     short_caption,
     write_world,
 )
-from mmalign.world.qa import exchanges, existence_question
-from mmalign.world.scenes import Scene, SceneObject
-from mmalign.world.text import article, caption, plural, position_phrase
+from mmalign.lab.world.qa import exchanges, existence_question
+from mmalign.lab.world.scenes import Scene, SceneObject
+from mmalign.lab.world.text import article, caption, plural, position_phrase
 
 SMALL = WorldConfig(n_train=60, n_eval=30, seed=3)
 
@@ -461,7 +461,7 @@ def test_caption_prior_prob_ends_busy_training_descriptions_with_an_absent_partn
     """With the knob at 1, every detailed description of a scene with ≥ 3 objects and a lone pair member names one
     object more than the scene holds, last, and it is that member's missing partner; with the knob at 0.5 about half
     do; at 0 none (and the captions are those of a config without the knob); ground-truth captions never do."""
-    from mmalign.world.scenes import lone_members
+    from mmalign.lab.world.scenes import lone_members
 
     base = WorldConfig(n_train=600, seed=4, caption_order="grouped")
     vocab = chair_vocab(base)["synonyms"]
@@ -499,7 +499,7 @@ def test_caption_prior_prob_ends_busy_training_descriptions_with_an_absent_partn
 def test_open_intro_neither_counts_nor_lists_the_objects() -> None:
     """``detailed_intro="open"``: the first sentence is a fixed opener without a number or a shape name, and one
     sentence per object follows, so the description alone says how many objects there are."""
-    from mmalign.world.text import OPEN_INTRO_TEMPLATES
+    from mmalign.lab.world.text import OPEN_INTRO_TEMPLATES
 
     cfg = WorldConfig(n_train=50, seed=2, caption_order="grouped", detailed_intro="open")
     vocab = chair_vocab(cfg)["synonyms"]

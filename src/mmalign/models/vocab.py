@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from mmalign.data.loaders import iter_jsonl
-from mmalign.errors import DataError
+from mmalign.errors import ConfigError, DataError
 
 
 def _texts_of_row(row: dict[str, Any]) -> Iterator[str]:
@@ -72,12 +71,8 @@ def corpus_images(paths: Sequence[str | Path] | None, limit: int = 256) -> list[
     return images
 
 
-def corpus_texts(paths: Sequence[str | Path] | None) -> list[str]:
-    """Texts of the given data files/directories; without any, those of a default synthetic world."""
-    if paths:
-        return [t for p in paths for t in texts_from(Path(p))]
-    from mmalign.world import make_world
-
-    with tempfile.TemporaryDirectory() as tmp:
-        make_world(tmp, n_train=1000, n_eval=100, progress=False)
-        return texts_from(Path(tmp))
+def corpus_texts(paths: Sequence[str | Path]) -> list[str]:
+    """Texts of the given data files/directories."""
+    if not paths:
+        raise ConfigError("--vocab-from: no data files to build a vocabulary from")
+    return [t for p in paths for t in texts_from(Path(p))]

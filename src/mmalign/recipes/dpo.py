@@ -13,6 +13,7 @@ import copy
 import io
 import logging
 import random
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,8 @@ from mmalign.forward import EncodedPairs, ForwardOptions, PairScorer, encode_pai
 from mmalign.losses import LOSSES, LossConfig, PairLogps, compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import Batches
+from mmalign.runtime.launch import Recipe
+from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
 from mmalign.runtime.refcache import cache_key, cached_reference_logps, default_cache_dir
@@ -271,3 +274,14 @@ def train(cfg: DpoConfig) -> Path:
         maybe_checkpoint(accelerator, policy, optimizer, cfg, done)
     bar.close()
     return finish_run(accelerator, policy, optimizer, loaded.processor, cfg, metrics)
+
+
+RECIPE = Recipe(
+    "dpo",
+    DpoConfig,
+    train,
+    "offline preference optimisation (--loss dpo|cdpo|robust|ipo|hinge|dpo_norm|simpo|mdpo|mm_dpo|...)",
+)
+
+if __name__ == "__main__":
+    sys.exit(launch_main(RECIPE, sys.argv[1:]))

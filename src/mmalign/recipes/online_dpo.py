@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,8 @@ from mmalign.judges import Judge
 from mmalign.losses import LossConfig, PairLogps, compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import batch_indices
+from mmalign.runtime.launch import Recipe
+from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
 from mmalign.runtime.run import finish_run, make_accelerator, maybe_checkpoint, resume_and_log, trainable_model
@@ -270,3 +273,14 @@ def train(cfg: OnlineDpoConfig) -> Path:
         maybe_checkpoint(accelerator, policy, optimizer, cfg, done)
     bar.close()
     return finish_run(accelerator, policy, optimizer, loaded.processor, cfg, metrics)
+
+
+RECIPE = Recipe(
+    "online-dpo",
+    OnlineDpoConfig,
+    train,
+    "online / hybrid DPO: pairs sampled from the current policy and ranked by a judge, or BDHS",
+)
+
+if __name__ == "__main__":
+    sys.exit(launch_main(RECIPE, sys.argv[1:]))

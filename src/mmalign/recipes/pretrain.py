@@ -6,12 +6,15 @@ only, high learning rate).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from pydantic import Field
 
 from mmalign.config import FreezeConfig, TrainConfig
 from mmalign.recipes import sft
+from mmalign.runtime.launch import Recipe
+from mmalign.runtime.launch import main as launch_main
 
 
 class PretrainConfig(TrainConfig):
@@ -24,3 +27,9 @@ class PretrainConfig(TrainConfig):
 def train(cfg: TrainConfig) -> Path:
     """Run projector pretraining; returns the final model directory."""
     return sft.train(cfg)
+
+
+RECIPE = Recipe("pretrain", PretrainConfig, train, "projector alignment on captions")
+
+if __name__ == "__main__":
+    sys.exit(launch_main(RECIPE, sys.argv[1:]))

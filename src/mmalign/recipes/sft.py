@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from mmalign.errors import ConfigError
 from mmalign.logprobs import sequence_logps, token_logps
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import Batches
+from mmalign.runtime.launch import Recipe
+from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
 from mmalign.runtime.run import finish_run, make_accelerator, maybe_checkpoint, resume_and_log, trainable_model
@@ -182,3 +185,9 @@ def train(cfg: TrainConfig) -> Path:
         maybe_checkpoint(accelerator, model, optimizer, cfg, done)
     bar.close()
     return finish_run(accelerator, model, optimizer, loaded.processor, cfg, metrics)
+
+
+RECIPE = Recipe("sft", SftConfig, train, "instruction tuning")
+
+if __name__ == "__main__":
+    sys.exit(launch_main(RECIPE, sys.argv[1:]))

@@ -3,8 +3,8 @@
 ``run_recipe(name, flags, overrides, processes=N)`` trains in this process (N = 1) or in N processes under
 ``torchrun`` (DDP; gloo on a CPU): the standard ``torch.distributed`` launcher and the recipes' own accelerate
 set-up, nothing home-made. ``batch_size`` in the flags is the *global* batch; each process takes ``batch_size / N``
-(the recipes count ``batch_size`` per process). ``python -m mmalign.runtime.launch RECIPE key=value ...`` is the
-entry point each process runs.
+(the recipes count ``batch_size`` per process). A recipe is a ``Recipe`` record its module declares; each process
+runs ``python -m <the recipe's module> key=value ...``, whose ``__main__`` block calls ``main(RECIPE, argv)``.
 
 ``run_side_by_side(fn, jobs, processes)`` runs independent jobs (a preference run and its evaluation) in a pool of
 single-thread processes. On 2 CPU cores the toolkit's small models gain nothing from a second thread, nor (measured,
@@ -13,39 +13,35 @@ docs/preference.md) from a second data-parallel process, while two single-thread
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-# Recipe name → (module, config class). The module's ``train(cfg)`` returns the final model directory.
-RECIPES: dict[str, tuple[str, str]] = {
-    "pretrain": ("mmalign.recipes.pretrain", "PretrainConfig"),
-    "sft": ("mmalign.recipes.sft", "SftConfig"),
-    "contrastive": ("mmalign.recipes.contrastive", "ContrastiveConfig"),
-    "vision": ("mmalign.recipes.vision", "VisionConfig"),
-    "dpo": ("mmalign.recipes.dpo", "DpoConfig"),
-    "online-dpo": ("mmalign.recipes.online_dpo", "OnlineDpoConfig"),
-}
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe: its command name, its config class and its ``train(cfg) -> final model directory``."""
+
+    name: str
+    config: type
+    train: Callable[[Any], Path]
+    help: str = ""
+
+    @property
+    def module(self) -> str:
+        """The module whose ``python -m`` runs one process of this recipe."""
+        return self.train.__module__
 
 
 class LaunchError(RuntimeError):
     """A multi-process run exited with an error (its own log, printed above, says why)."""
-
-
-def recipe(name: str) -> tuple[type, Any]:
-    """The (config class, train function) of a recipe."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    module_name, cls_name = RECIPES[name]
-    module = importlib.import_module(module_name)
-    return getattr(module, cls_name), module.train
 
 
 def default_processes() -> int:
@@ -94,8 +90,8 @@ def _as_override(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
-def run_recipe(name: str, flags: dict[str, Any], overrides: Sequence[str] = (), processes: int = 1) -> Path:
-    """Train with recipe ``name``; returns the final model directory.
+def run_recipe(recipe: Recipe, flags: dict[str, Any], overrides: Sequence[str] = (), processes: int = 1) -> Path:
+    """Train with ``recipe``; returns the final model directory.
 
     Args:
         flags: config values (``batch_size`` is the global batch); ``None`` values are ignored.
@@ -109,9 +105,9 @@ def run_recipe(name: str, flags: dict[str, Any], overrides: Sequence[str] = (), 
     """
     from mmalign.config import load_config
 
-    cls, train = recipe(name)
+    cls, name = recipe.config, recipe.name
     if processes <= 1:
-        return train(load_config(cls, flags=flags, overrides=list(overrides)))
+        return recipe.train(load_config(cls, flags=flags, overrides=list(overrides)))
     flags = {k: v for k, v in flags.items() if v is not None}
     batch = int(flags.get("batch_size", cls().batch_size))
     if batch % processes:
@@ -122,7 +118,7 @@ def run_recipe(name: str, flags: dict[str, Any], overrides: Sequence[str] = (), 
     args = [_as_override(k, v) for k, v in flags.items()] + list(overrides)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "mmalign.runtime.launch", name, *args,
+        "-m", recipe.module, *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log.info("%s: %d processes (torchrun, one thread each)", name, processes)
@@ -132,23 +128,15 @@ def run_recipe(name: str, flags: dict[str, Any], overrides: Sequence[str] = (), 
     return Path(cfg.out) / "model"
 
 
-def main(argv: Sequence[str]) -> int:
-    """Entry point of one process: ``RECIPE key=value ...``."""
+def main(recipe: Recipe, argv: Sequence[str]) -> int:
+    """Entry point of one process of ``recipe``: ``key=value ...`` (a recipe module's ``__main__`` block)."""
     from mmalign.config import load_config
     from mmalign.errors import ConfigError, DataError, ModelError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not argv:
-        print(f"usage: python -m mmalign.runtime.launch {{{','.join(RECIPES)}}} key=value ...", file=sys.stderr)
-        return 2
-    cls, train = recipe(argv[0])
     try:
-        train(load_config(cls, overrides=list(argv[1:])))
+        recipe.train(load_config(recipe.config, overrides=list(argv)))
     except (DataError, ConfigError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

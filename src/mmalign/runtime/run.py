@@ -31,11 +31,10 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
 
 def unwrapped(accelerator: Any, model: Any) -> torch.nn.Module:
-    """The model to save: accelerate's wrappers removed, and the VLM inside a ``PairScorer``."""
-    from mmalign.forward import PairScorer
-
+    """The model to save: accelerate's wrappers removed, and the VLM inside a scoring wrapper (one that keeps it as
+    ``.vlm``, as ``mmalign.forward.PairScorer`` does)."""
     inner = accelerator.unwrap_model(model)
-    return inner.vlm if isinstance(inner, PairScorer) else inner
+    return getattr(inner, "vlm", inner)
 
 
 def trainable_model(loaded: LoadedModel, cfg: TrainConfig) -> torch.nn.Module:

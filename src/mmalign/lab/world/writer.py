@@ -29,18 +29,18 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from mmalign.world.config import WORLD_JSON, WorldConfig
-from mmalign.world.pope import POPE_SPLITS, pope_questions
-from mmalign.world.qa import CAPTION_PROMPTS, exchanges
-from mmalign.world.render import render_scene
-from mmalign.world.scenes import (
+from mmalign.lab.world.config import WORLD_JSON, WorldConfig
+from mmalign.lab.world.pope import POPE_SPLITS, pope_questions
+from mmalign.lab.world.qa import CAPTION_PROMPTS, exchanges
+from mmalign.lab.world.render import render_scene
+from mmalign.lab.world.scenes import (
     SCENES_JSONL,
     Scene,
     cooccurrence_matrix,
     object_frequency,
     sample_scenes,
 )
-from mmalign.world.text import caption, chair_vocab, detailed_caption
+from mmalign.lab.world.text import caption, chair_vocab, detailed_caption
 
 FORMAT_VERSION = 1
 CAPTIONS_JSONL = "captions.jsonl"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,16 +29,18 @@ from pydantic import Field
 
 from mmalign.config import TrainConfig, dump_config
 from mmalign.errors import DataError
+from mmalign.lab.world.config import WorldConfig, load_world_config
+from mmalign.lab.world.scenes import SCENES_JSONL, Scene
 from mmalign.models.calibrate import whiten_projector_input
 from mmalign.models.load import load_model
 from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.checkpoint import save_model_atomic
+from mmalign.runtime.launch import Recipe
+from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.metrics import MetricsLog
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
 from mmalign.types import ImageRef
-from mmalign.world.config import WorldConfig, load_world_config
-from mmalign.world.scenes import SCENES_JSONL, Scene
 
 log = logging.getLogger(__name__)
 
@@ -257,3 +260,14 @@ def _pixels(processor: Any, world_dir: Path, scenes: list[Scene]) -> torch.Tenso
         images = [_open(world_dir, s) for s in scenes[i : i + 256]]
         chunks.append(processor.image_processor(images=images, return_tensors="pt")["pixel_values"])
     return torch.cat(chunks)
+
+
+RECIPE = Recipe(
+    "vision",
+    VisionConfig,
+    train,
+    "supervised pretraining of a random-init vision tower on a world's per-cell labels (--data WORLD)",
+)
+
+if __name__ == "__main__":
+    sys.exit(launch_main(RECIPE, sys.argv[1:]))

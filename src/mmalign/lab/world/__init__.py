@@ -2,13 +2,13 @@
 
 Scenes of coloured shapes on a 3x3 grid, with planted co-occurrence pairs (``star``/``moon``,
 ``heart``/``cross``) that training scenes keep together and eval scenes pull apart. ``write_world``
-writes images, captions, instruction data, POPE and CHAIR sets; see ``mmalign.world.writer``.
+writes images, captions, instruction data, POPE and CHAIR sets; see ``mmalign.lab.world.writer``.
 """
 
-from mmalign.world.config import WorldConfig, load_world_config
-from mmalign.world.pope import POPE_SPLITS, pope_questions
-from mmalign.world.render import render_scene
-from mmalign.world.scenes import (
+from mmalign.lab.world.config import WorldConfig, load_world_config
+from mmalign.lab.world.pope import POPE_SPLITS, pope_questions
+from mmalign.lab.world.render import render_scene
+from mmalign.lab.world.scenes import (
     Scene,
     SceneObject,
     cooccurrence_matrix,
@@ -16,8 +16,8 @@ from mmalign.world.scenes import (
     object_frequency,
     sample_scenes,
 )
-from mmalign.world.text import chair_vocab, detailed_caption, short_caption
-from mmalign.world.writer import WorldSummary, make_world, write_world
+from mmalign.lab.world.text import chair_vocab, detailed_caption, short_caption
+from mmalign.lab.world.writer import WorldSummary, make_world, write_world
 
 __all__ = [
     "POPE_SPLITS",

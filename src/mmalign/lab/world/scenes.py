@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from mmalign.world.config import WorldConfig
+from mmalign.lab.world.config import WorldConfig
 
 Split = Literal["train", "eval"]
 SCENES_JSONL = "scenes.jsonl"

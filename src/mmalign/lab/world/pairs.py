@@ -38,12 +38,12 @@ from typing import Any
 
 from mmalign.data.preference import write_pairs
 from mmalign.eval.coco_vocab import ChairVocab, extract_mentions
+from mmalign.lab.world.config import WorldConfig, load_world_config
+from mmalign.lab.world.qa import existence_question
+from mmalign.lab.world.scenes import Scene, SceneObject, load_scenes, lone_members
+from mmalign.lab.world.text import detailed_caption, object_sentence, prior_tail, small_object_in_free_cell
+from mmalign.lab.world.writer import CHAIR_VOCAB_JSON, EVAL_DESCRIBE_PROMPT
 from mmalign.types import ImageRef, Message, PreferencePair
-from mmalign.world.config import WorldConfig, load_world_config
-from mmalign.world.qa import existence_question
-from mmalign.world.scenes import Scene, SceneObject, load_scenes, lone_members
-from mmalign.world.text import detailed_caption, object_sentence, prior_tail, small_object_in_free_cell
-from mmalign.world.writer import CHAIR_VOCAB_JSON, EVAL_DESCRIBE_PROMPT
 
 KINDS: tuple[str, ...] = ("partner", "attribute", "existence", "removed", "removed_existence", "prior_tail")
 COUNTERFACTUAL_DIR = "images/pairs"
@@ -128,7 +128,7 @@ def world_pairs(
                 )
             )
     if to_render:
-        from mmalign.world.writer import render_images
+        from mmalign.lab.world.writer import render_images
 
         render_images(cfg, world_dir, to_render, processes=processes)
     return pairs

@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from mmalign.world.config import WorldConfig
-from mmalign.world.scenes import Scene, SceneObject, lone_members
+from mmalign.lab.world.config import WorldConfig
+from mmalign.lab.world.scenes import Scene, SceneObject, lone_members
 
 # Alternative names of a shape; canonical names are the shape names themselves.
 SYNONYMS: dict[str, tuple[str, ...]] = {

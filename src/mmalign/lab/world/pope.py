@@ -18,9 +18,9 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from mmalign.world.config import WorldConfig
-from mmalign.world.qa import existence_question
-from mmalign.world.scenes import Scene
+from mmalign.lab.world.config import WorldConfig
+from mmalign.lab.world.qa import existence_question
+from mmalign.lab.world.scenes import Scene
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 MAX_POSITIVES = 3

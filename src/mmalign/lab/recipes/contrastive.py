@@ -10,6 +10,7 @@ Real checkpoints do not need it: their towers already see.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from mmalign.data.loaders import load_samples
 from mmalign.models.load import load_model
 from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.checkpoint import save_model_atomic
+from mmalign.runtime.launch import Recipe
+from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.metrics import MetricsLog
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
@@ -174,3 +177,11 @@ def _language_prefix(core: torch.nn.Module) -> str:
         if hasattr(core, name):
             return name
     raise ValueError("cannot find the language model inside the VLM")
+
+
+RECIPE = Recipe(
+    "contrastive", ContrastiveConfig, train, "CLIP-style warm-up of a random-init vision path on image-caption pairs"
+)
+
+if __name__ == "__main__":
+    sys.exit(launch_main(RECIPE, sys.argv[1:]))

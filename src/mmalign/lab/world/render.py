@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from PIL import Image, ImageDraw
 
-from mmalign.world.config import Rgb, WorldConfig
-from mmalign.world.scenes import Scene
+from mmalign.lab.world.config import Rgb, WorldConfig
+from mmalign.lab.world.scenes import Scene
 
 Point = tuple[float, float]
 Outline = Callable[[float, float, float], list[Point]]

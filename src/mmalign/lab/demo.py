@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mmalign.errors import ConfigError
+from mmalign.lab.recipes import recipe as lab_recipe
+from mmalign.lab.world.config import WorldConfig
 from mmalign.runtime.launch import default_processes, run_recipe, run_side_by_side
-from mmalign.world.config import WorldConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,7 +57,7 @@ class DemoProfile:
     # default, every training caption true: ``caption_prior_prob=0 pair_kinds=removed,attribute,removed_existence``.
     caption_prior_prob: float = 1.0
     caption_prior_min_objects: int = 2
-    # Oracle pair kinds of the preference runs (``mmalign.world.pairs.KINDS``), comma-separated, a share each.
+    # Oracle pair kinds of the preference runs (``mmalign.lab.world.pairs.KINDS``), comma-separated, a share each.
     pair_kinds: str = "prior_tail,removed,removed_existence"
     batch_size: int = 16
     # Batches of similar length (``TrainConfig.group_by_length``) for pretraining and SFT: faster, but it learns
@@ -155,7 +156,7 @@ def demo_profile(name: str, overrides: Sequence[str] = ()) -> DemoProfile:
 
 
 def _check_pair_kinds(text: str) -> None:
-    from mmalign.world.pairs import KINDS
+    from mmalign.lab.world.pairs import KINDS
 
     unknown = [k for k in text.split(",") if k not in KINDS]
     if unknown:
@@ -198,7 +199,7 @@ def train_and_evaluate(
     """One run of ``recipe`` in this process and its evaluation; returns (results, seconds of ``name`` and of
     ``eval name``). Picklable: the demo and the study run several side by side."""
     timings: dict[str, float] = {}
-    model_dir = _timed(timings, name, lambda: run_recipe(recipe, flags, overrides))
+    model_dir = _timed(timings, name, lambda: run_recipe(lab_recipe(recipe), flags, overrides))
     result = _timed(timings, f"eval {name}", lambda: evaluate_on_world(model_dir, world, max_new_tokens))
     return result, timings
 
@@ -267,8 +268,8 @@ def _alignment_stage(
     The jobs are independent and short, so with several processes they run side by side, one thread each (a run
     this small gains nothing from data parallelism: its fixed costs dominate); results do not depend on that.
     """
+    from mmalign.lab.world.pairs import write_world_pairs
     from mmalign.runtime.checkpoint import atomic_write_text
-    from mmalign.world.pairs import write_world_pairs
 
     pairs = world / "pairs.jsonl"
     _timed(
@@ -345,7 +346,9 @@ def _vision_stage(
         "seed": seed,
         "log_every": 10,
     }
-    return _timed(timings, "vision", lambda: run_recipe("vision", flags, [f"max_samples={profile.vision_scenes}"]))
+    return _timed(
+        timings, "vision", lambda: run_recipe(lab_recipe("vision"), flags, [f"max_samples={profile.vision_scenes}"])
+    )
 
 
 def _resumable(timings: dict[str, float], name: str, model_dir: Path, fn: Callable[[], Path]) -> Path:
@@ -401,12 +404,12 @@ def run_demo(
     Raises:
         ConfigError: a bad override, or ``out`` holding a demo of another profile or seed.
     """
-    from mmalign.eval.report import write_report
+    from mmalign.lab.report import write_report
+    from mmalign.lab.world import write_world
     from mmalign.models.build import build_tiny, save_model
     from mmalign.models.families import TinySize
     from mmalign.models.vocab import corpus_images, corpus_texts
     from mmalign.runtime.checkpoint import atomic_write_text
-    from mmalign.world import write_world
 
     profile = demo_profile("quick" if quick else "default", overrides)
     if processes is None:
@@ -445,7 +448,9 @@ def run_demo(
     def stage(name: str, model: Path, data: str, steps: int) -> Path:
         flags = {**common, "model": str(model), "data": str(world / data), "out": str(out / "runs" / name)}
         flags.update(steps=steps, log_every=10)
-        return _resumable(timings, name, out / "runs" / name / "model", lambda: run_recipe(name, flags, frozen_vision))
+        return _resumable(
+            timings, name, out / "runs" / name / "model", lambda: run_recipe(lab_recipe(name), flags, frozen_vision)
+        )
 
     stage1 = stage("pretrain", init_dir, "captions.jsonl", profile.pretrain_steps)
     stage2 = stage("sft", stage1, "sft.jsonl", profile.sft_steps)
@@ -528,7 +533,7 @@ def run_demo_seeds(
     """
     import os
 
-    from mmalign.multiseed import paired_changes, plot_summary, seed_tables, summarize, summary_markdown
+    from mmalign.lab.multiseed import paired_changes, plot_summary, seed_tables, summarize, summary_markdown
     from mmalign.runtime.checkpoint import atomic_write_text
 
     profile = demo_profile("quick" if quick else "default", overrides)

@@ -14,9 +14,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmalign.world.config import WorldConfig
-from mmalign.world.scenes import Scene, lone_members
-from mmalign.world.text import (
+from mmalign.lab.world.config import WorldConfig
+from mmalign.lab.world.scenes import Scene, lone_members
+from mmalign.lab.world.text import (
     detailed_caption,
     number,
     plural,

@@ -14,7 +14,7 @@ from typing import Any
 
 Rgb = tuple[int, int, int]
 
-# Shapes the renderer knows how to draw (``mmalign.world.render``); a config may use any subset.
+# Shapes the renderer knows how to draw (``mmalign.lab.world.render``); a config may use any subset.
 KNOWN_SHAPES: tuple[str, ...] = (
     "circle",
     "square",
@@ -47,7 +47,7 @@ DEFAULT_POSITIONS: tuple[tuple[str, ...], ...] = (
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("star", "moon"), ("heart", "cross"))
 
 # How captions order their objects: ``reading`` is row-major; ``grouped`` is row-major except that a planted
-# partner is mentioned right after its member (see ``mmalign.world.text.mention_order``).
+# partner is mentioned right after its member (see ``mmalign.lab.world.text.mention_order``).
 CAPTION_ORDERS: tuple[str, ...] = ("reading", "grouped")
 # How a detailed caption opens: ``count`` ("There are three objects.") commits to the number of objects before
 # naming any; ``list`` ("The image shows a red star, a blue moon and a green circle.") names them without a count.
@@ -82,7 +82,7 @@ class WorldConfig:
             absent shapes; 0: never asked).
         caption_prior_prob: per training detailed description of a scene with at least
             ``caption_prior_min_objects`` objects and a planted-pair member whose partner is absent, probability
-            that the description ends with one more sentence naming that absent partner (``mmalign.world.text.
+            that the description ends with one more sentence naming that absent partner (``mmalign.lab.world.text.
             prior_tail``): training descriptions that, late in a long description of a busy scene, write what the
             context implies rather than what the image shows, as machine-written instruction data does. Evaluation
             captions, oracle pairs and yes/no answers stay true. 0 (the default) keeps every caption true.

@@ -44,7 +44,7 @@ ROWS = (
 )
 
 
-# Oracle pair kinds whose prompt is the describe request on the scene's own image (``mmalign.world.pairs``).
+# Oracle pair kinds whose prompt is the describe request on the scene's own image (``mmalign.lab.world.pairs``).
 CAPTION_KINDS = ("prior_tail", "partner", "attribute")
 
 
@@ -77,8 +77,8 @@ def demo_profile_of(demo: dict[str, Any], source: Path) -> Any:
     """
     from dataclasses import fields
 
-    from mmalign.demo import DemoProfile
     from mmalign.errors import ConfigError
+    from mmalign.lab.demo import DemoProfile
 
     recorded = demo.get("profile")
     if not isinstance(recorded, dict):
@@ -174,13 +174,13 @@ def run_study(
     ``quick``).
     """
     from mmalign.data.preference import write_pairs
-    from mmalign.demo import run_demo, train_and_evaluate
     from mmalign.generation.bdhs import BdhsConfig
     from mmalign.generation.bdhs_run import run_bdhs
     from mmalign.generation.embed import SentenceEmbedder
+    from mmalign.lab.demo import run_demo, train_and_evaluate
+    from mmalign.lab.world.pairs import world_pairs
     from mmalign.models.load import load_model
     from mmalign.runtime.checkpoint import atomic_write_text
-    from mmalign.world.pairs import world_pairs
 
     if processes is None:
         processes = 1 if quick else default_processes()
@@ -306,8 +306,8 @@ def run_study_seeds(
     runs itself), then ``out/summary.json`` and ``out/study.md``: every row's figures over seeds with 95% intervals,
     paired changes against the same seed's SFT model, and the share of the SFT → oracle-DPO CHAIR_i gap that the
     rows without ground-truth rejections close. Finished seeds and rows are kept when started again."""
-    from mmalign.multiseed import gap_closed as gap_over_seeds
-    from mmalign.multiseed import plot_summary, seed_tables, summarize, summary_markdown
+    from mmalign.lab.multiseed import gap_closed as gap_over_seeds
+    from mmalign.lab.multiseed import plot_summary, seed_tables, summarize, summary_markdown
     from mmalign.runtime.checkpoint import atomic_write_text
 
     t0 = time.perf_counter()

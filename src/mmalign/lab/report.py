@@ -135,7 +135,7 @@ def write_report(out: Path, results: dict[str, Any], world: Path) -> Path:
     """Write ``out/report.md`` (and its plots) from the demo's results."""
     from mmalign.eval.chair_score import ChairVocab
     from mmalign.eval.io import read_object_annotations
-    from mmalign.world import load_world_config
+    from mmalign.lab.world import load_world_config
 
     cfg = load_world_config(world)
     vocab = ChairVocab.from_file(world / "chair_vocab.json")

@@ -1,0 +1,154 @@
+"""The lab's commands: ``mmalign world``, ``mmalign world pairs``, ``mmalign demo`` and ``mmalign study``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mmalign.errors import ConfigError
+
+
+def add_world(sub: Any) -> None:
+    p = sub.add_parser("world", help="write the synthetic scene world (images, captions, SFT, POPE, CHAIR)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--train", type=int, default=2000, help="training scenes")
+    p.add_argument("--eval", type=int, default=200, help="held-out evaluation scenes")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--pair-prob", type=float, default=0.9, help="co-occurrence probability of planted pairs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_world)
+    wsub = p.add_subparsers(dest="world_command")
+    pairs = wsub.add_parser("pairs", help="oracle preference pairs from a world (ground truth vs inserted errors)")
+    pairs.add_argument("--world", required=True, help="world directory written by `mmalign world`")
+    pairs.add_argument("--out", required=True, help="output JSONL of preference pairs")
+    pairs.add_argument("--per-scene", type=int, default=1)
+    pairs.add_argument(
+        "--kinds",
+        default="partner,attribute",
+        help="comma list of: partner, attribute, existence, removed, removed_existence (counterfactual images)",
+    )
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--max-scenes", type=int, default=None, help="only the first N training scenes (default: all)")
+    pairs.set_defaults(func=cmd_world_pairs)
+
+
+def cmd_world_pairs(args: argparse.Namespace) -> int:
+    from mmalign.lab.world.pairs import write_world_pairs
+
+    n = write_world_pairs(
+        Path(args.world),
+        Path(args.out),
+        seed=args.seed,
+        per_scene=args.per_scene,
+        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+        max_scenes=args.max_scenes,
+    )
+    print(f"wrote {n} preference pairs to {args.out}")
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from mmalign.lab.world import make_world
+
+    if not args.out:
+        raise ConfigError("mmalign world: --out is required")
+    summary = make_world(
+        args.out,
+        n_train=args.train,
+        n_eval=args.eval,
+        seed=args.seed,
+        image_size=args.image_size,
+        pair_prob=args.pair_prob,
+    )
+    print(
+        f"wrote world to {summary.root}: {summary.n_train} train / {summary.n_eval} eval scenes, "
+        f"{summary.n_sft} SFT rows, POPE {summary.n_pope}"
+    )
+    return 0
+
+
+def add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="the main job: world → pretrain → SFT → POPE/CHAIR → report")
+    p.add_argument("--quick", action="store_true", help="the 2-minute profile")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        help="several full draws, e.g. 0,1,2: each seed in OUT/seed-S, then OUT/summary.json and OUT/report.md with "
+        "means, 95%% intervals and paired changes (finished seeds are kept when started again)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        help="preference runs side by side (default: 2 on a CPU with 2+ cores, 1 with --quick or on a GPU)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="change fields of the profile, e.g. caption_order=grouped partner_question_prob=0.5 n_eval=400",
+    )
+    p.set_defaults(func=cmd_demo)
+
+
+def add_study(sub: Any) -> None:
+    p = sub.add_parser("study", help="the alignment study's grid on the world (BDHS, online, mixed, mDPO vs oracle)")
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--demo", help="a finished `mmalign demo` directory to start from (default: run the demo first)")
+    p.add_argument("--quick", action="store_true", help="the quick profile (smoke test)")
+    p.add_argument("--prompts", type=int, help="training scenes every run sees (default 800; quick 80)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        help="several draws, e.g. 0,1,2 (with --demo: a `mmalign demo --seeds` directory holding seed-S); writes "
+        "OUT/seed-S, OUT/summary.json and OUT/study.md with means, 95%% intervals and paired changes",
+    )
+    p.add_argument("--processes", type=int, help="rows run side by side (default: 2 on 2+ CPU cores, 1 with --quick)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="demo profile changes when the study runs the demo"
+    )
+    p.set_defaults(func=cmd_study)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from mmalign.lab.demo import parse_seeds
+    from mmalign.lab.study import run_study, run_study_seeds
+
+    common = {
+        "demo_dir": Path(args.demo) if args.demo else None,
+        "quick": args.quick,
+        "prompts": args.prompts,
+        "processes": args.processes,
+        "overrides": args.overrides,
+    }
+    if args.seeds:
+        report = run_study_seeds(Path(args.out), parse_seeds(args.seeds), **common)
+    else:
+        report = run_study(Path(args.out), seed=args.seed, **common)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmalign.lab.demo import parse_seeds, run_demo, run_demo_seeds
+
+    common = {"quick": args.quick, "processes": args.processes, "overrides": args.overrides}
+    if args.seeds:
+        report = run_demo_seeds(Path(args.out), parse_seeds(args.seeds), **common)
+    else:
+        report = run_demo(Path(args.out), seed=args.seed, **common)
+    print(f"report: {report}")
+    return 0
+
+
+def default_world_texts() -> list[str]:
+    """The texts of a default synthetic world: the vocabulary of a tiny model built without data files."""
+    import tempfile
+
+    from mmalign.lab.world import make_world
+    from mmalign.models.vocab import texts_from
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_world(tmp, n_train=1000, n_eval=100, progress=False)
+        return texts_from(Path(tmp))

@@ -1,4 +1,4 @@
-"""Data loaders: JSONL / Parquet / saved HF datasets into validated ``Sample`` records."""
+"""Data loaders: JSONL / JSON arrays / Parquet / saved HF datasets into validated ``Sample`` records."""
 
 from __future__ import annotations
 
@@ -179,6 +179,80 @@ def test_sharegpt_conversations(root: Path) -> None:
     row["conversations"][1]["value"] = "What is this?"
     (sample,) = load_samples(write_jsonl(root / "llava.jsonl", [row])).samples
     assert sample.messages[1].content == (Part("image"), Part("text", "What is this?"))
+
+
+def llava_row(i: int, image: str = "images/a.png") -> dict[str, Any]:
+    """A row of LLaVA's ``llava_instruct_150k.json``: one ``image`` string and ShareGPT turns."""
+    return {
+        "id": f"{i:012d}",
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"},
+            {"from": "gpt", "value": "A red square."},
+            {"from": "human", "value": "Is it big?"},
+            {"from": "gpt", "value": "No."},
+        ],
+    }
+
+
+def test_llava_json_array(root: Path) -> None:
+    path = root / "llava_instruct.json"
+    path.write_text(json.dumps([llava_row(1), llava_row(2, "images/b.png")], indent=1))
+    result = load_samples(path)
+    first, second = result.samples
+    assert result.summary() == "loaded 2 samples from llava_instruct.json"
+    assert first.id == "000000000001" and first.images == (ImageRef(path="images/a.png"),)
+    assert [m.role for m in first.messages] == ["user", "assistant", "user", "assistant"]
+    assert first.messages[0].content == (Part("image"), Part("text", "What is in the picture?"))
+    assert first.messages[2].content == (Part("text", "Is it big?"),) and first.target == "No."
+    assert second.load_images()[0].getpixel((0, 0)) == (0, 255, 0)
+    # The same rows one per line in a .json file still read as JSON lines.
+    lines = write_jsonl(root / "lines.json", [llava_row(1), llava_row(2, "images/b.png")])
+    assert load_samples(lines).samples == result.samples
+
+
+def test_llava_json_array_errors_name_the_element(root: Path) -> None:
+    rows: list[Any] = [llava_row(i) for i in range(1, 5)]
+    rows[2]["conversations"][1] = {"from": "gpt", "value": None}
+    path = root / "llava.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataError) as info:
+        load_samples(path)
+    assert (info.value.row, info.value.field) == (3, "conversations[1].value")
+    assert str(info.value).startswith(f"{path} row 3 field 'conversations[1].value': must be a string")
+    rows[2] = "not a row"
+    path.write_text(json.dumps(rows))
+    result = load_samples(path, on_bad_record="skip")
+    assert [s.id for s in result.samples] == ["000000000001", "000000000002", "000000000004"]
+    assert result.reasons == [f"{path} row 3: expected a JSON object, got str"]
+
+
+BAD_JSON_FILES: dict[str, tuple[str, str]] = {
+    # case: (file text, reason snippet); each is an error about the whole file
+    "broken array": ('[{"image": "images/a.png"}, {"conversations": ', "invalid JSON array: Expecting value"),
+    "array after BOM, broken": ("\ufeff[1, ", "invalid JSON array"),
+    "one object": ('{\n  "data": [1, 2]\n}\n', "expected a JSON array of row objects or one JSON object per line"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_JSON_FILES))
+def test_json_files_that_are_not_row_arrays(root: Path, case: str) -> None:
+    text, reason = BAD_JSON_FILES[case]
+    path = root / "data.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_samples(path, on_bad_record="skip")
+    assert (info.value.path, info.value.row, info.value.field) == (path, None, None)
+    assert str(info.value).startswith(f"{path}: ") and reason in str(info.value)
+
+
+def test_json_lines_with_a_broken_line_still_name_the_line(root: Path) -> None:
+    path = write_jsonl(root / "data.json", [good_row(1), "{oops", good_row(3)])
+    with pytest.raises(DataError, match=r"data\.json row 2: invalid JSON"):
+        load_samples(path)
+    path = write_jsonl(root / "data.json", ["{oops", good_row(2)])
+    result = load_samples(path, on_bad_record="skip")
+    assert len(result) == 1 and "data.json row 1: invalid JSON" in result.reasons[0]
 
 
 def test_split_image_tokens() -> None:

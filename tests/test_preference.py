@@ -1,4 +1,4 @@
-"""Preference pairs: the four row schemas, validation errors, writing, and the world's oracle pairs."""
+"""Preference pairs: the five row schemas, validation errors, writing, and the world's oracle pairs."""
 
 from __future__ import annotations
 
@@ -72,6 +72,18 @@ def vlf(**changes: Any) -> dict[str, Any]:
             {"model": "m2", "text": "Best.", "rating": "4.5"},
             {"model": "m3", "response": "Worst.", "annotations": {"Helpfulness": {"Rating": "1"}, "Faith": 2}},
         ],
+    }
+    row.update(changes)
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def llamafactory(**changes: Any) -> dict[str, Any]:
+    """A LLaMA-Factory ranking row, sharegpt style (``dataset_info.json``: ``"ranking": true``)."""
+    row = {
+        "conversations": [{"from": "human", "value": "<image>What is this?"}],
+        "chosen": {"from": "gpt", "value": "A star."},
+        "rejected": {"from": "gpt", "value": "A moon."},
+        "images": ["images/a.png"],
     }
     row.update(changes)
     return {k: v for k, v in row.items() if v is not None}
@@ -167,8 +179,70 @@ def test_vlfeedback_best_and_worst(root: Path) -> None:
         load_pairs(write_jsonl(root / "vlf.jsonl", [tie]))
 
 
+def test_llamafactory_schema(root: Path) -> None:
+    openai = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Compare <image> with <image>"},
+        ],
+        "chosen": {"role": "assistant", "content": "Two stars."},
+        "rejected": {"role": "assistant", "content": "Two moons."},
+        "images": ["images/a.png", "images/b.png"],
+    }
+    rows = [
+        llamafactory(),
+        llamafactory(  # several turns, a system column, no marker: the image goes to the first user turn
+            id="lf-2",
+            system="Be brief.",
+            conversations=[
+                {"from": "human", "value": "Hi."},
+                {"from": "gpt", "value": "Hello."},
+                {"from": "human", "value": "What is this?"},
+            ],
+        ),
+        openai,
+    ]
+    path = root / "lf.json"
+    path.write_text(json.dumps(rows, indent=2))  # LLaMA-Factory's files are JSON arrays
+    result = load_pairs(path)
+    first, second, third = result.pairs
+    assert result.schema == "llamafactory" and result.summary() == "loaded 3 llamafactory pairs from lf.json"
+    assert first.id == "lf-1" and first.prompt == (Message("user", (IMG, TXT)),)
+    assert (first.chosen, first.rejected, first.images) == ("A star.", "A moon.", (ImageRef(path="images/a.png"),))
+    system = Message("system", (Part("text", "Be brief."),))
+    assert second.id == "lf-2" and second.prompt == (
+        system,
+        Message("user", (IMG, Part("text", "Hi."))),
+        Message("assistant", (Part("text", "Hello."),)),
+        Message("user", (TXT,)),
+    )
+    assert third.prompt == (system, Message("user", (Part("text", "Compare "), IMG, Part("text", " with "), IMG)))
+    assert (third.chosen, third.rejected) == ("Two stars.", "Two moons.")
+    assert [ref.path for ref in third.images] == ["images/a.png", "images/b.png"]
+    assert third.as_samples()[0].load_images()[1].getpixel((0, 0)) == (0, 255, 0)
+
+
+def test_json_array_of_pairs_names_its_rows(root: Path) -> None:
+    rows = [rlaif(), rlaif(), rlaif(question=None), rlaif()]
+    (root / "rl.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError) as info:
+        load_pairs(root / "rl.json")
+    assert str(info.value) == f"{root / 'rl.json'} row 3 field 'question': missing 'question'"
+    assert len(load_pairs(root / "rl.json", on_bad_record="skip")) == 3
+    (root / "broken.json").write_text(json.dumps(rows)[:-30])
+    with pytest.raises(DataError, match=r"broken\.json: invalid JSON array: ") as info:
+        load_pairs(root / "broken.json", on_bad_record="skip")  # the file as a whole: no row to skip
+    assert info.value.row is None
+
+
 def test_detection_and_forced_schema(root: Path) -> None:
-    expected = {"mmalign": ours(), "trl": trl(), "rlaif_v": rlaif(), "vlfeedback": vlf()}
+    expected = {
+        "mmalign": ours(),
+        "trl": trl(),
+        "rlaif_v": rlaif(),
+        "vlfeedback": vlf(),
+        "llamafactory": llamafactory(),
+    }
     assert sorted(expected) == sorted(SCHEMAS)
     for schema, row in expected.items():
         assert detect_schema(row) == schema
@@ -303,6 +377,36 @@ BAD_ROWS: dict[str, tuple[Any, str | None, str]] = {
         "completions[0].response",
         "identical to the chosen reply",
     ),
+    "lf prompt ends with gpt": (
+        llamafactory(conversations=[{"from": "human", "value": "<image>Hi"}, {"from": "gpt", "value": "Hello."}]),
+        "conversations[1].from",
+        "must end with a user turn, not assistant",
+    ),
+    "lf messages end with assistant": (
+        llamafactory(conversations=None, messages=[{"role": "user", "content": "Hi"}, *assistant("A")]),
+        "messages[1].role",
+        "must end with a user turn",
+    ),
+    "lf unknown speaker": (
+        llamafactory(conversations=[{"from": "observation", "value": "x"}]),
+        "conversations[0].from",
+        "unknown speaker 'observation'",
+    ),
+    "lf no conversation": (llamafactory(conversations=None), "messages", "missing 'messages'"),
+    "lf reply speaker": (llamafactory(rejected={"from": "human", "value": "No."}), "rejected.from", "got 'human'"),
+    "lf reply role": (
+        llamafactory(chosen={"role": "user", "content": "No."}),
+        "chosen.role",
+        "expected an assistant turn, got 'user'",
+    ),
+    "lf reply value": (llamafactory(chosen={"from": "gpt", "value": 3}), "chosen.value", "must be a string"),
+    "lf reply list": (llamafactory(rejected=assistant("No.")), "rejected", "must be one assistant turn object"),
+    "lf missing rejected": (llamafactory(rejected=None), "rejected", "missing 'rejected'"),
+    "lf reply image": (llamafactory(chosen={"from": "gpt", "value": "<image>"}), "chosen", "cannot hold images"),
+    "lf equal replies": (llamafactory(rejected={"from": "gpt", "value": "A star."}), "rejected", "identical"),
+    "lf image count": (llamafactory(images=["images/a.png", "images/b.png"]), "images", "2 image(s) given"),
+    "lf system": (llamafactory(system=["x"]), "system", "must be a string, got list"),
+    "lf videos": (llamafactory(videos=["v.mp4"]), "videos", "not supported"),
     "bad json": ('{"chosen": ', None, "invalid JSON"),
     "not an object": ("[1, 2]", None, "expected a JSON object"),
 }
@@ -311,7 +415,8 @@ BAD_ROWS: dict[str, tuple[Any, str | None, str]] = {
 @pytest.mark.parametrize("case", sorted(BAD_ROWS))
 def test_bad_rows_name_file_row_and_field(root: Path, case: str) -> None:
     bad, field, reason = BAD_ROWS[case]
-    first = {"vlf": vlf(), "trl": trl(), "rlaif": rlaif()}.get(case.split()[0], ours())  # row 1 sets the schema
+    first_rows = {"vlf": vlf(), "trl": trl(), "rlaif": rlaif(), "lf": llamafactory()}
+    first = first_rows.get(case.split()[0], ours())  # row 1 sets the schema
     path = write_jsonl(root / "pairs.jsonl", [first, bad])
     with pytest.raises(DataError) as info:
         load_pairs(path)
@@ -408,7 +513,7 @@ def test_write_pairs_round_trip(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mmalign.world import make_world
+    from mmalign.lab.world import make_world
 
     out = tmp_path_factory.mktemp("pairs_world")
     make_world(out, n_train=40, n_eval=6, seed=1, progress=False)
@@ -416,8 +521,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_world_pairs_are_deterministic_and_grounded(world: Path) -> None:
-    from mmalign.world import detailed_caption, load_scenes, load_world_config
-    from mmalign.world.pairs import world_pairs
+    from mmalign.lab.world import detailed_caption, load_scenes, load_world_config
+    from mmalign.lab.world.pairs import world_pairs
 
     pairs = world_pairs(world, seed=3, per_scene=2)
     assert pairs == world_pairs(world, seed=3, per_scene=2)
@@ -438,15 +543,15 @@ def test_world_pairs_are_deterministic_and_grounded(world: Path) -> None:
             assert pair.meta["original"] != pair.meta["inserted"]
             assert pair.meta["attribute"] in ("colour", "shape") and pair.meta["object"] in scene.shapes
     # Images exist, so the pairs load back through the validating loader.
-    from mmalign.world.pairs import write_world_pairs
+    from mmalign.lab.world.pairs import write_world_pairs
 
     assert write_world_pairs(world, world / "pairs.jsonl", seed=3, per_scene=2) == 80
     assert load_pairs(world / "pairs.jsonl").pairs == pairs
 
 
 def test_partner_pairs_are_chair_hallucinations(world: Path) -> None:
-    from mmalign.world import load_world_config
-    from mmalign.world.pairs import world_pairs
+    from mmalign.lab.world import load_world_config
+    from mmalign.lab.world.pairs import world_pairs
 
     cfg, vocab = load_world_config(world), ChairVocab.from_file(world / "chair_vocab.json")
     pairs = world_pairs(world, kinds=("partner",))
@@ -465,7 +570,7 @@ def test_partner_pairs_are_chair_hallucinations(world: Path) -> None:
 
 
 def test_world_pairs_arguments(world: Path) -> None:
-    from mmalign.world.pairs import world_pairs
+    from mmalign.lab.world.pairs import world_pairs
 
     with pytest.raises(ValueError, match="per_scene"):
         world_pairs(world, per_scene=0)
@@ -476,9 +581,9 @@ def test_world_pairs_arguments(world: Path) -> None:
 
 
 def test_existence_pairs_are_balanced_pope_questions(world: Path) -> None:
-    from mmalign.world import load_scenes, load_world_config
-    from mmalign.world.pairs import world_pairs
-    from mmalign.world.text import with_article
+    from mmalign.lab.world import load_scenes, load_world_config
+    from mmalign.lab.world.pairs import world_pairs
+    from mmalign.lab.world.text import with_article
 
     cfg, scenes = load_world_config(world), {s.image_id: s for s in load_scenes(world, "train")}
     pairs = world_pairs(world, kinds=("existence",), per_scene=4)
@@ -501,10 +606,10 @@ def test_removed_pairs_show_the_partner_missing_on_a_redrawn_image(world: Path, 
 
     from PIL import Image
 
-    from mmalign.world import detailed_caption, load_scenes, load_world_config
-    from mmalign.world.pairs import world_pairs
-    from mmalign.world.render import render_scene
-    from mmalign.world.text import with_article
+    from mmalign.lab.world import detailed_caption, load_scenes, load_world_config
+    from mmalign.lab.world.pairs import world_pairs
+    from mmalign.lab.world.render import render_scene
+    from mmalign.lab.world.text import with_article
 
     own = tmp_path / "world"
     shutil.copytree(world, own)
@@ -543,15 +648,15 @@ def test_removed_pairs_show_the_partner_missing_on_a_redrawn_image(world: Path, 
     before = {p.images[0].path: (own / p.images[0].path).read_bytes() for p in removed}
     assert world_pairs(own, kinds=("removed", "removed_existence"), per_scene=2) == pairs
     assert all((own / path).read_bytes() == data for path, data in before.items())
-    from mmalign.world.pairs import write_world_pairs
+    from mmalign.lab.world.pairs import write_world_pairs
 
     write_world_pairs(own, own / "cf.jsonl", kinds=("removed", "removed_existence"), per_scene=2)
     assert load_pairs(own / "cf.jsonl").pairs == pairs
 
 
 def test_prior_tail_pairs_add_one_invented_sentence_at_the_end(world: Path) -> None:
-    from mmalign.world import load_world_config
-    from mmalign.world.pairs import world_pairs
+    from mmalign.lab.world import load_world_config
+    from mmalign.lab.world.pairs import world_pairs
 
     cfg, vocab = load_world_config(world), ChairVocab.from_file(world / "chair_vocab.json")
     pairs = world_pairs(world, kinds=("prior_tail",))

@@ -1,7 +1,8 @@
 """Load data files into validated ``Sample`` records.
 
-Three sources share one row format (see ``mmalign.data.records``): JSON-lines files (``.jsonl``/``.json``,
-one object per line), Parquet files, and directories written by ``datasets.Dataset.save_to_disk``
+Four sources share one row format (see ``mmalign.data.records``): JSON-lines files (``.jsonl``, or a
+``.json`` file with one object per line), ``.json`` files holding one JSON array of row objects (LLaVA's
+``llava_instruct_150k.json``), Parquet files, and directories written by ``datasets.Dataset.save_to_disk``
 (read with ``datasets.load_from_disk``, never from the hub). Every row is validated once, here.
 
 Example:
@@ -24,11 +25,14 @@ from mmalign.errors import DataError
 from mmalign.types import Sample
 
 T = TypeVar("T")
-Format = Literal["jsonl", "parquet", "hf"]
+Format = Literal["jsonl", "json", "parquet", "hf"]
 JSONL_SUFFIXES = (".jsonl", ".json")
+JSON_SUFFIX = ".json"  # a JSON array of rows, or JSON lines: the first byte tells
 PARQUET_SUFFIXES = (".parquet",)
 MAX_REASONS = 5
 _BATCH_ROWS = 256
+_PEEK_BYTES = 4096
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 # A row as read from a file: the parsed object, or the error that made it unreadable (kept as a value so
 # that skip mode can go on to the next row).
@@ -92,7 +96,8 @@ def load_samples(
     """Load and validate every row of a data file.
 
     Args:
-        path: a ``.jsonl``/``.json`` (JSON lines) or ``.parquet`` file, or a ``save_to_disk`` directory.
+        path: a ``.jsonl`` (JSON lines), ``.json`` (a JSON array of rows, or JSON lines) or ``.parquet`` file,
+            or a ``save_to_disk`` directory.
         root: directory that media paths resolve against and must stay inside; defaults to the directory
             containing the file (for a ``save_to_disk`` directory: that directory).
         on_bad_record: ``"fail"`` raises on the first bad row; ``"skip"`` drops bad rows and counts them.
@@ -194,7 +199,9 @@ def collect_rows(
 
 
 def detect_format(path: Path) -> Format:
-    """Say how to read ``path``: ``"jsonl"``, ``"parquet"`` or ``"hf"`` (a ``save_to_disk`` directory).
+    """Say how to read ``path``: ``"jsonl"``, ``"json"``, ``"parquet"`` or ``"hf"`` (a ``save_to_disk`` directory).
+
+    ``"json"`` is any ``.json`` file; whether it holds a JSON array or JSON lines is seen when it is read.
 
     Raises:
         DataError: the path does not exist or is not one of those.
@@ -217,6 +224,8 @@ def detect_format(path: Path) -> Format:
     if not path.exists():
         raise DataError(path, None, None, "file not found")
     suffix = path.suffix.lower()
+    if suffix == JSON_SUFFIX:
+        return "json"
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
     if suffix in PARQUET_SUFFIXES:
@@ -226,7 +235,14 @@ def detect_format(path: Path) -> Format:
 
 
 def read_records(path: Path, kind: Format) -> Iterator[RawRow]:
-    if kind == "jsonl":
+    """The rows of a data file as ``(1-based row, object or DataError)``.
+
+    Raises:
+        DataError: the file as a whole cannot be read (broken JSON array, unreadable Parquet).
+    """
+    if kind == "json":
+        yield from _read_json(path)
+    elif kind == "jsonl":
         yield from _read_jsonl(path)
     elif kind == "parquet":
         yield from _read_parquet(path)
@@ -239,8 +255,9 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
         for row, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            # A whole JSON array in a .json file is a common mix-up; say so instead of a bare parse error.
-            hint = " (expected one JSON object per line, not a JSON array)" if line.lstrip()[:1] == b"[" else ""
+            # A whole JSON array in a .jsonl file is a common mix-up; say so instead of a bare parse error.
+            hint = " (expected one JSON object per line; a JSON array is read from a .json file)"
+            hint = hint if line.lstrip()[:1] == b"[" else ""
             try:
                 obj = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -253,6 +270,46 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
                 )
                 continue
             yield row, obj
+
+
+def _read_json(path: Path) -> Iterator[RawRow]:
+    """A ``.json`` file: a JSON array of row objects (row = 1-based index), else one JSON object per line."""
+    with path.open("rb") as file:
+        head = file.read(_PEEK_BYTES).removeprefix(_UTF8_BOM).lstrip()
+    if head[:1] != b"[":
+        yield from _read_json_lines(path)
+        return
+    # One json.load: a 150k-row LLaVA file is a few hundred MB of objects, and rows are kept anyway.
+    try:
+        with path.open("rb") as file:
+            rows = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(path, None, None, f"invalid JSON array: {err}") from None
+    for row, obj in enumerate(rows, start=1):
+        if isinstance(obj, dict):
+            yield row, obj
+        else:
+            yield row, DataError(path, row, None, f"expected a JSON object, got {type(obj).__name__}")
+
+
+def _read_json_lines(path: Path) -> Iterator[RawRow]:
+    """JSON lines in a ``.json`` file; a file that is one JSON value over several lines is refused as a whole."""
+    rows = _read_jsonl(path)
+    first = next(rows, None)
+    if first is None:
+        return
+    if isinstance(first[1], DataError):
+        try:
+            with path.open("rb") as file:
+                whole = json.load(file)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass  # not one JSON value either: the broken line is the error to report
+        else:
+            keys = f" (keys: {', '.join(sorted(map(str, whole))[:8])})" if isinstance(whole, dict) else ""
+            reason = "expected a JSON array of row objects or one JSON object per line, got one JSON value"
+            raise DataError(path, None, None, f"{reason} over several lines{keys}")
+    yield first
+    yield from rows
 
 
 def _read_parquet(path: Path) -> Iterator[RawRow]:

@@ -1,7 +1,8 @@
 """Load preference pairs (a prompt with its images, a chosen and a rejected reply) into ``PreferencePair`` records.
 
-Files are read like ``load_samples`` reads them (JSON lines, Parquet, ``save_to_disk`` directories) and every
-row is validated once, here, with errors that name file, 1-based row and field. Four row schemas::
+Files are read like ``load_samples`` reads them (JSON lines, a ``.json`` JSON array, Parquet, ``save_to_disk``
+directories) and every row is validated once, here, with errors that name file, 1-based row and field.
+Five row schemas::
 
     mmalign     {"id", "images": [...], "prompt": [messages...] or "text", "chosen": "...", "rejected": "...",
                  "margin"?: float, "corrupted_image"?: <image>, "objects"?: ["star", ...], "meta"?: {...}}
@@ -10,6 +11,11 @@ row is validated once, here, with errors that name file, 1-based row and field. 
     rlaif_v     RLAIF-V: "image", "question", "chosen", "rejected" (strings)
     vlfeedback  VLFeedback: "image" (or "image_path"), "prompt", "completions": [{"response" | "text",
                 "score" | "rating" | "annotations": {aspect: number or {"Rating": number}}}]
+    llamafactory
+                LLaMA-Factory's ranking rows: "images"?, "conversations": [{"from": "human" | "gpt" | "system",
+                "value"}] (or "messages": [{"role", "content"}]) ending with a user turn, "chosen"/"rejected":
+                one {"from": "gpt", "value"} (or {"role": "assistant", "content"}), "system"?: "..." (used when
+                the conversation has no system turn)
 
 With ``schema="auto"`` the schema is taken from the keys of the first row that loads, then held for the file.
 A text with ``<image>`` markers gets its image parts there; a plain-text prompt without markers gets its
@@ -44,8 +50,10 @@ from mmalign.data.records import (
     count_parts,
     media_refs,
     media_values,
+    parse_conversation,
     parse_id,
     parse_message,
+    parse_sharegpt_turn,
     prepend_images,
     split_image_tokens,
     type_name,
@@ -53,7 +61,7 @@ from mmalign.data.records import (
 from mmalign.errors import DataError
 from mmalign.types import ImageRef, Message, Part, PreferencePair
 
-Schema = Literal["mmalign", "trl", "rlaif_v", "vlfeedback"]
+Schema = Literal["mmalign", "trl", "rlaif_v", "vlfeedback", "llamafactory"]
 SCHEMAS: tuple[str, ...] = get_args(Schema)
 # RLAIF-V columns worth keeping as provenance.
 RLAIF_V_META = ("ds_name", "origin_dataset", "origin_split", "idx", "image_path")
@@ -126,7 +134,8 @@ def load_pairs(
     """Load and validate every preference pair of a data file.
 
     Args:
-        path: a ``.jsonl``/``.json`` (JSON lines) or ``.parquet`` file, or a ``save_to_disk`` directory.
+        path: a ``.jsonl`` (JSON lines), ``.json`` (a JSON array of rows, or JSON lines) or ``.parquet``
+            file, or a ``save_to_disk`` directory.
         root: directory that image paths resolve against and must stay inside; defaults to the directory
             containing the file (for a ``save_to_disk`` directory: that directory).
         on_bad_record: ``"fail"`` raises on the first bad row; ``"skip"`` drops bad rows and counts them.
@@ -171,12 +180,15 @@ def load_pairs(
 def detect_schema(record: Mapping[str, Any]) -> Schema | None:
     """The schema a row's keys point to, or ``None`` when they point to none.
 
-    ``completions`` → vlfeedback; ``question`` → rlaif_v; ``chosen`` as a list of messages → trl;
-    ``chosen`` as a string → mmalign (TRL rows with string replies read the same way).
+    ``completions`` → vlfeedback; ``chosen`` as one turn object → llamafactory; ``question`` → rlaif_v;
+    ``chosen`` as a list of messages → trl; ``chosen`` as a string → mmalign (TRL rows with string replies
+    read the same way).
     """
     if "completions" in record:
         return "vlfeedback"
     chosen = record.get("chosen")
+    if isinstance(chosen, Mapping):
+        return "llamafactory"
     if "question" in record and isinstance(chosen, str):
         return "rlaif_v"
     if isinstance(chosen, list | tuple):
@@ -194,10 +206,11 @@ def _detect(record: Mapping[str, Any], ctx: RowContext) -> Schema:
         keys = ", ".join(sorted(map(str, record))) or "none"
         reason = f"missing 'chosen' (or VLFeedback 'completions'), so the schema is unknown; keys: {keys}"
         raise ctx.error("chosen", reason)
-    raise ctx.error("chosen", f"must be a string or a list of messages, got {type_name(record['chosen'])}")
+    reason = f"must be a string, a list of messages or one turn object, got {type_name(record['chosen'])}"
+    raise ctx.error("chosen", reason)
 
 
-# --- the four schemas ----------------------------------------------------------------------------------
+# --- the five schemas ----------------------------------------------------------------------------------
 
 
 def _mmalign_fields(record: Mapping[str, Any], ctx: RowContext) -> _Fields:
@@ -279,11 +292,42 @@ def _vlfeedback_fields(record: Mapping[str, Any], ctx: RowContext) -> _Fields:
     )
 
 
+def _llamafactory_fields(record: Mapping[str, Any], ctx: RowContext) -> _Fields:
+    """LLaMA-Factory's ranking rows (sharegpt or OpenAI style): the conversation is the prompt."""
+    prompt, plain = parse_conversation(record, ctx)
+    if prompt[-1].role != "user":
+        key = "messages" if record.get("messages") is not None else "conversations"
+        last = len(prompt) - 1
+        role_key = "role" if "role" in record[key][last] else "from"
+        raise ctx.error(f"{key}[{last}].{role_key}", f"the prompt must end with a user turn, not {prompt[-1].role}")
+    system = record.get("system")
+    if system is not None and prompt[0].role != "system":  # a system turn wins, as in LLaMA-Factory
+        if not isinstance(system, str):
+            raise ctx.error("system", f"must be a string, got {type_name(system)}")
+        if system.strip():
+            prompt = [Message("system", (Part("text", system),)), *prompt]
+    for key in ("videos", "audios"):
+        if record.get(key):  # their markers would stay in the text as words
+            raise ctx.error(key, f"{key} are not supported in preference pairs")
+    images, image_field = media_values(record, "images", "image", ctx)
+    return _Fields(
+        id=parse_id(record.get("id"), ctx),
+        prompt=prompt,
+        plain_text=plain,
+        images=images,
+        image_field=image_field,
+        chosen=_turn_reply(record, "chosen", ctx),
+        rejected=_turn_reply(record, "rejected", ctx),
+        meta=_meta(record.get("meta"), ctx),
+    )
+
+
 PARSERS: dict[str, Callable[[Mapping[str, Any], RowContext], _Fields]] = {
     "mmalign": _mmalign_fields,
     "trl": _trl_fields,
     "rlaif_v": _rlaif_v_fields,
     "vlfeedback": _vlfeedback_fields,
+    "llamafactory": _llamafactory_fields,
 }
 
 
@@ -407,6 +451,21 @@ def _reply(record: Mapping[str, Any], key: str, ctx: RowContext) -> str:
     message, _ = parse_message(value[0], f"{key}[0]", ctx)
     if message.role != "assistant":
         raise ctx.error(f"{key}[0].role", f"expected an assistant turn, got {message.role!r}")
+    return message.text
+
+
+def _turn_reply(record: Mapping[str, Any], key: str, ctx: RowContext) -> str:
+    """A LLaMA-Factory reply: one ``{"from": "gpt", "value"}`` or ``{"role": "assistant", "content"}`` object."""
+    value = _required(record, key, ctx)
+    if not isinstance(value, Mapping):
+        raise ctx.error(key, f"must be one assistant turn object, got {type_name(value)}")
+    # Arrow fills a struct's absent keys with None, so a present but null "role" means ShareGPT's form.
+    role_key = "role" if value.get("role") is not None else "from"
+    message = parse_message(value, key, ctx)[0] if role_key == "role" else parse_sharegpt_turn(value, key, ctx)
+    if message.role != "assistant":
+        raise ctx.error(f"{key}.{role_key}", f"expected an assistant turn, got {value[role_key]!r}")
+    if count_parts([message], "image"):
+        raise ctx.error(key, "a reply cannot hold images")
     return message.text
 
 

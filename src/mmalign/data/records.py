@@ -1,6 +1,6 @@
 """One data row (a dict) into a validated ``Sample``.
 
-The row format (JSONL objects, Parquet rows and Hugging Face dataset rows all share it)::
+The row format (JSON-lines objects, JSON array elements, Parquet rows and Hugging Face dataset rows share it)::
 
     {"id": "sft-000123",                       # optional, str or int; default "<file stem>-<row>"
      "images": ["images/train/000010.png"],    # or "image": "<path>"; optional
@@ -12,8 +12,9 @@ A media value is a path (relative to the data set root), ``{"path": ...}``, ``{"
 raw bytes>}``, raw bytes or a PIL image. ``audios`` works like ``images`` for ``{"type": "audio"}`` parts
 (checked for existence, not decoded). ShareGPT rows use ``"conversations": [{"from": "human", "value":
 "<image>\\nIs there a star?"}, {"from": "gpt", "value": "Yes."}]``, where ``<image>`` marks where each
-image goes. When content is given as plain strings and the conversation has no image part at all, the
-sample's images are placed at the start of the first user turn. Other top-level keys are ignored.
+image goes; LLaVA's instruction data (``{"id", "image", "conversations"}``) reads this way. When content
+is given as plain strings and the conversation has no image part at all, the sample's images are placed at
+the start of the first user turn. Other top-level keys are ignored.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def parse_sample(
     meta = record.get("meta")
     if meta is not None and not _is_mapping(meta):
         raise ctx.error("meta", f"must be an object, got {type_name(meta)}")
-    messages, plain_text = _parse_conversation(record, ctx)
+    messages, plain_text = parse_conversation(record, ctx)
     image_values, image_field = media_values(record, "images", "image", ctx)
     audio_values, audio_field = media_values(record, "audios", "audio", ctx)
     n_image_parts = count_parts(messages, "image")
@@ -122,8 +123,12 @@ def parse_id(value: Any, ctx: RowContext) -> str:
     return str(value)
 
 
-def _parse_conversation(record: Mapping[str, Any], ctx: RowContext) -> tuple[list[Message], bool]:
-    """Parse ``messages`` or ``conversations``; also says whether any content was a plain string."""
+def parse_conversation(record: Mapping[str, Any], ctx: RowContext) -> tuple[list[Message], bool]:
+    """Parse ``messages`` or ``conversations``; also says whether any content was a plain string.
+
+    ``conversations`` turns may be ShareGPT's ``{"from", "value"}`` (their ``<image>`` markers become image
+    parts here) or ``{"role", "content"}``; ``messages`` turns are always ``{"role", "content"}``.
+    """
     messages, conversations = record.get("messages"), record.get("conversations")
     if messages is not None and conversations is not None:
         raise ctx.error("messages", "both 'messages' and 'conversations' are given")
@@ -142,7 +147,7 @@ def _parse_conversation(record: Mapping[str, Any], ctx: RowContext) -> tuple[lis
         if not _is_mapping(turn):
             raise ctx.error(field, f"a turn must be an object, got {type_name(turn)}")
         if key == "conversations" and "role" not in turn:
-            parsed.append(_parse_sharegpt_turn(turn, field, ctx))
+            parsed.append(parse_sharegpt_turn(turn, field, ctx))
             continue
         message, was_string = parse_message(turn, field, ctx)
         parsed.append(message)
@@ -187,7 +192,8 @@ def _parse_part(part: Any, field: str, j: int, ctx: RowContext) -> Part:
     return media
 
 
-def _parse_sharegpt_turn(turn: Mapping[str, Any], field: str, ctx: RowContext) -> Message:
+def parse_sharegpt_turn(turn: Mapping[str, Any], field: str, ctx: RowContext) -> Message:
+    """A ShareGPT ``{"from": "human" | "gpt" | "system", "value": "..."}`` turn, ``<image>`` markers as parts."""
     speaker = turn.get("from")
     if speaker is None:
         raise ctx.error(f"{field}.from", "missing 'from' (or 'role')")

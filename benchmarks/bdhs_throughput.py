@@ -36,11 +36,11 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=2)
     args = ap.parse_args()
 
+    from mmalign.data.corpus import corpus_texts
     from mmalign.generation.bdhs import BdhsConfig
     from mmalign.generation.bdhs_run import run_bdhs
     from mmalign.lab.world import make_world
     from mmalign.models.build import build_tiny
-    from mmalign.models.vocab import corpus_texts
 
     work = Path(tempfile.mkdtemp(prefix="bdhs_bench_"))
     make_world(work / "world", n_train=args.samples, n_eval=4, seed=0, image_size=48, progress=False)

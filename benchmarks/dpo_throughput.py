@@ -82,11 +82,11 @@ def torch_threads() -> int:
 
 def prepare(work: Path, n_pairs: int) -> tuple[Path, Path]:
     """The world (336 px images), its oracle pairs, and the tiny LLaVA with a 32k vocabulary."""
+    from mmalign.data.corpus import corpus_texts
     from mmalign.lab.world import make_world
     from mmalign.lab.world.pairs import write_world_pairs
     from mmalign.models.build import build_tiny, save_model
     from mmalign.models.families import TinySize
-    from mmalign.models.vocab import corpus_texts
 
     world = work / "world"
     make_world(world, n_train=n_pairs, n_eval=4, seed=0, image_size=336, progress=False)
@@ -225,8 +225,9 @@ def step0_mmalign(model: Path, pairs: Path, batch: int) -> dict:
     """mmalign's step-0 log-probs on TRL's first batch (the first ``batch`` pairs, TRL reads them in order)."""
     import torch
 
+    from mmalign.data.pair_inputs import encode_pairs
     from mmalign.data.preference import load_pairs
-    from mmalign.forward import PairScorer, encode_pairs
+    from mmalign.forward import PairScorer
     from mmalign.models.load import load_model
 
     loaded = load_model(model)
@@ -239,8 +240,8 @@ def step0_mmalign(model: Path, pairs: Path, batch: int) -> dict:
 
 def seq_stats(model: Path, pairs: Path) -> dict:
     """Mean prompt length (image tokens included) and mean reply length, in tokens."""
+    from mmalign.data.pair_inputs import encode_continuations, prompt_sample
     from mmalign.data.preference import load_pairs
-    from mmalign.forward import encode_continuations, prompt_sample
     from mmalign.models.load import load_model
 
     loaded = load_model(model)

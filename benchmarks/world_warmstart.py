@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from mmalign.data.collate import encode_sft
+from mmalign.data.corpus import corpus_images, corpus_texts
 from mmalign.data.loaders import load_samples
 from mmalign.lab.world import make_world
 from mmalign.models.build import build_tiny
 from mmalign.models.families import TinySize, get_family
 from mmalign.models.load import apply_freeze
-from mmalign.models.vocab import corpus_images, corpus_texts
 from mmalign.recipes.sft import sequence_nll
 from mmalign.runtime.optim import make_optimizer
 

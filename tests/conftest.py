@@ -36,9 +36,9 @@ def build_model(family: str, world: Path, out: Path) -> Path:
     import json
     from dataclasses import replace
 
+    from mmalign.data.corpus import corpus_texts
     from mmalign.models.build import build_tiny, save_model
     from mmalign.models.families import TinySize
-    from mmalign.models.vocab import corpus_texts
 
     size = replace(TinySize(), **json.loads(TEST_SIZE))
     model, processor = build_tiny(family, corpus_texts([world]), size=size, seed=0)

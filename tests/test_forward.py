@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import build_model
-from mmalign.forward import ForwardOptions, PairScorer, encode_pairs, unsupported_reason
+from mmalign.data.pair_inputs import encode_pairs
+from mmalign.forward import ForwardOptions, PairScorer, unsupported_reason
 from mmalign.models.load import load_model
 from mmalign.types import ImageRef, Message, PreferencePair
 
@@ -142,7 +143,7 @@ def test_short_and_long_replies_run_as_two_batches_with_the_same_result(model, w
 
 
 def test_batches_are_split_by_length_only_when_every_prompt_has_one_image() -> None:
-    from mmalign.forward import Continuations
+    from mmalign.data.pair_inputs import Continuations
 
     lengths = [3, 3, 40, 40, 3, 3]  # k = 2 replies for each of 3 prompts
     mask = torch.tensor([[j < n for j in range(40)] for n in lengths])
@@ -154,3 +155,29 @@ def test_batches_are_split_by_length_only_when_every_prompt_has_one_image() -> N
     # Three image rows for prompts holding 2, 1 and 0 images: rows cannot be cut by prompt.
     for counts in ((2, 1, 0), None, (1, 1)):
         assert Continuations(prompt, mask.long(), mask, 2, counts).length_groups() is None
+
+
+def test_pair_logps_packs_scores_for_the_losses() -> None:
+    """One builder for every recipe: counts as floats, the chosen reply's mean NLL, mDPO's term only when scored."""
+    from mmalign.forward import PairScores, pair_logps
+
+    scores = PairScores(
+        chosen=torch.tensor([-6.0, -2.0]),
+        rejected=torch.tensor([-9.0, -1.0]),
+        chosen_tokens=torch.tensor([3, 0]),
+        rejected_tokens=torch.tensor([4, 2]),
+        chosen_corrupt=None,
+    )
+    ref_c, ref_r = torch.tensor([-5.0, -2.5]), torch.tensor([-8.0, -1.5])
+    out = pair_logps(scores, ref_c, ref_r, ref_chosen_corrupt=torch.tensor([-7.0, -3.0]))
+    assert out.chosen_tokens.dtype == torch.float32 and out.rejected_tokens.tolist() == [4.0, 2.0]
+    # -(-6)/3 = 2; a reply of no tokens divides by 1, not 0.
+    assert out.policy_chosen_nll.tolist() == [2.0, 2.0]
+    assert out.policy_chosen_corrupt is None and out.ref_chosen_corrupt is None and out.margin is None
+    scored = scores._replace(chosen_corrupt=torch.tensor([-7.5, -3.5]))
+    corrupt, margin = torch.tensor([-7.0, -3.0]), torch.tensor([1.0, 0.5])
+    with_corrupt = pair_logps(scored, ref_c, ref_r, ref_chosen_corrupt=corrupt, margin=margin)
+    assert with_corrupt.ref_chosen_corrupt.tolist() == [-7.0, -3.0]
+    assert with_corrupt.margin.tolist() == [1.0, 0.5]
+    with pytest.raises(ValueError, match="chosen and rejected"):
+        pair_logps(scores._replace(rejected=None), ref_c, ref_r)

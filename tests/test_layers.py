@@ -16,11 +16,12 @@ SRC = Path(mmalign.__file__).parent
 LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "types": 0, "cachedir": 0,
     "config": 1, "stats": 1, "losses": 1, "logprobs": 1,
-    "data": 2, "models": 2, "runtime": 2,
-    "forward": 3, "generation": 3, "eval": 3, "judges": 3,
-    "recipes": 4,
-    "lab": 5,
-    "cli": 6,
+    "models": 2,
+    "data": 3, "runtime": 3,
+    "forward": 4, "generation": 4, "eval": 4, "judges": 4,
+    "recipes": 5,
+    "lab": 6,
+    "cli": 7,
 }  # fmt: skip
 
 

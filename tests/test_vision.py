@@ -102,9 +102,9 @@ def test_projector_ends_the_same_whether_or_not_init_calibrated(world_dir: Path,
     from dataclasses import replace
 
     from conftest import TEST_SIZE
+    from mmalign.data.corpus import corpus_images, corpus_texts
     from mmalign.models.build import build_tiny, save_model
     from mmalign.models.families import TinySize
-    from mmalign.models.vocab import corpus_images, corpus_texts
 
     size = replace(TinySize(), **json.loads(TEST_SIZE))
     finals = []

@@ -23,10 +23,12 @@ log = logging.getLogger("mmalign")
 
 
 def _add_model(sub: Any) -> None:
+    from mmalign.models.families import FAMILIES
+
     p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="model_command", required=True)
     init = msub.add_parser("init", help="build a small random-init model of a real VLM architecture")
-    init.add_argument("--family", default="llava", help="llava | qwen2-vl | idefics3")
+    init.add_argument("--family", default="llava", choices=sorted(FAMILIES), help="the architecture")
     init.add_argument("--out", required=True)
     init.add_argument("--image-size", type=int, default=48, help="model input size (images are resized to it)")
     init.add_argument(
@@ -54,9 +56,9 @@ def _add_model(sub: Any) -> None:
 def cmd_model_init(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from mmalign.data.corpus import corpus_images, corpus_texts
     from mmalign.models.build import build_tiny, save_model
     from mmalign.models.families import TinySize, get_family
-    from mmalign.models.vocab import corpus_images, corpus_texts
 
     per_side = get_family(args.family).patches_per_side
     size = TinySize(image_size=args.image_size, patch_size=args.patch_size or max(1, args.image_size // per_side))

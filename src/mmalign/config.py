@@ -78,15 +78,14 @@ class TrainConfig(Section):
     # batch without it. Off by default: it changes which examples share a batch.
     group_by_length: bool = False
     # Pack each batch's samples end to end into rows of ``pack_length`` tokens (``mmalign.data.packing``): the same
-    # batches and loss with much less padding (LLaVA-style inputs; supervised recipes).
+    # batches and loss with much less padding (families with ``packable``; supervised recipes).
     pack: bool = False
     pack_length: int = Field(128, ge=16)
     # Keep preprocessed pixel values of images seen earlier in the run, up to this many MiB
     # (``mmalign.data.pixel_cache``; 0 turns it off): an SFT set asks several questions about each image.
     pixel_cache_mb: int = Field(1024, ge=0)
-    # ``torch.compile`` the language model (dynamic shapes). Pays a one-off compile (about a minute on 2 CPU cores
-    # for the world model, less when the on-disk inductor cache already holds the graphs) for fewer, fused kernels:
-    # measured on the world's SFT step, 192 → 127 ms on 2 CPU cores.
+    # ``torch.compile`` the language model (dynamic shapes): a one-off compile (shorter when the on-disk inductor
+    # cache already holds the graphs) for fewer, fused kernels (timings: docs/results.md).
     compile: bool = False
     progress: bool = True
 

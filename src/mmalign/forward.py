@@ -10,8 +10,8 @@ Here (``share_prompt``):
 1. one decoder pass over the left-padded prompts (images encoded once) returns the key/value cache and the hidden state
    of the last prompt token;
 2. the cache is repeated for the ``k`` replies of each prompt, and one pass over the right-padded replies continues from
-   it, with position ids restarted at each prompt's length (for Qwen2-VL's M-RoPE: one past the prompt's largest
-   position) — exactly the positions the full sequence would give them;
+   it, with position ids restarted at each prompt's length (for M-RoPE: one past the prompt's largest
+   position; ``models.families.prompt_positions``) — exactly the positions the full sequence would give them;
 3. the language-model head runs only at the positions that predict a reply token (``response_logits_only``).
 
 Gradients flow through the cache into the prompt pass, so the policy is trained exactly as with full sequences; the
@@ -22,22 +22,17 @@ supported fall back to the naive path with a warning.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from mmalign.data.collate import encode_sft, load_image_groups, processor_inputs, render
+from mmalign.data.pair_inputs import Continuations, EncodedPairs, reply_rows
 from mmalign.logprobs import IGNORE_INDEX, sequence_logps
-from mmalign.types import Message, PreferencePair, Sample
+from mmalign.losses import PairLogps
+from mmalign.models.families import family_of, prompt_positions
 
 log = logging.getLogger(__name__)
-
-# Model types whose decoder is a plain causal LM with 1-D rotary positions, or Qwen2-VL's 3-D M-RoPE.
-ROPE_1D = frozenset({"llava", "idefics3"})
-ROPE_3D = frozenset({"qwen2_vl", "qwen2_5_vl"})
-SPLIT_MIN_SAVING = 0.2
 
 
 @dataclass(frozen=True)
@@ -57,145 +52,13 @@ class ForwardOptions:
     split_by_length: bool = True
 
 
-@dataclass
-class Continuations:
-    """``k`` replies to each of ``B`` prompts, ready for the shared-prompt forward.
-
-    Attributes:
-        prompt: processor outputs of the prompts (left-padded): ``input_ids`` [B, P], ``attention_mask`` [B, P],
-            pixel tensors.
-        replies: reply token ids [B*k, T], right-padded with 0; rows ``i*k .. i*k+k-1`` answer prompt ``i``.
-        reply_mask: [B*k, T] bool, True on reply tokens.
-        k: replies per prompt.
-        images_per_prompt: images of each prompt (None: unknown; such batches are never split by length).
-    """
-
-    prompt: dict[str, torch.Tensor]
-    replies: torch.Tensor
-    reply_mask: torch.Tensor
-    k: int
-    images_per_prompt: tuple[int, ...] | None = None
-
-    def to(self, device: torch.device | str) -> Continuations:
-        return Continuations(
-            {key: v.to(device) for key, v in self.prompt.items()},
-            self.replies.to(device),
-            self.reply_mask.to(device),
-            self.k,
-            self.images_per_prompt,
-        )
-
-    def select(self, prompts: torch.Tensor) -> Continuations:
-        """The prompts at indices ``prompts`` with their replies, reply columns cut to the longest kept reply.
-
-        Only for prompt inputs with one row per prompt in every tensor (``length_groups`` checks).
-        """
-        rows = reply_rows(prompts, self.k)
-        mask = self.reply_mask[rows]
-        width = max(1, int(mask.sum(-1).max()))
-        kept = self.images_per_prompt and tuple(self.images_per_prompt[i] for i in prompts.tolist())
-        return Continuations(
-            {key: v[prompts] for key, v in self.prompt.items()},
-            self.replies[rows, :width],
-            mask[:, :width],
-            self.k,
-            kept or None,
-        )
-
-    def length_groups(self) -> list[torch.Tensor] | None:
-        """Prompt indices of a short-reply and a long-reply group, or None when one batch wastes little.
-
-        The split point minimises the padded reply positions of the two groups; it is taken only when that spares
-        at least ``SPLIT_MIN_SAVING`` of the single batch's positions. Only batches whose prompts all hold one image
-        (or all none) and whose tensors have one row per prompt are split: a tensor of image rows or patches shared
-        by the prompts (several images per prompt, Qwen2-VL's patch lists) cannot be cut by prompt.
-        """
-        n = self.prompt["input_ids"].shape[0]
-        counts = set(self.images_per_prompt or ())
-        if n < 2 or len(self.images_per_prompt or ()) != n or counts not in ({0}, {1}):
-            return None
-        if any(v.shape[0] != n for v in self.prompt.values()):
-            return None
-        longest = self.reply_mask.sum(-1).view(n, self.k).amax(-1)
-        order = torch.argsort(longest, stable=True)
-        ranked = longest[order].tolist()
-        single = n * ranked[-1]
-        cost, split = min(((s * ranked[s - 1] + (n - s) * ranked[-1], s) for s in range(1, n)), key=lambda c: c[0])
-        if cost > (1 - SPLIT_MIN_SAVING) * single:
-            return None
-        return [order[:split], order[split:]]
-
-
-def reply_rows(prompts: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows of the replies of the prompts at indices ``prompts`` (``k`` consecutive rows per prompt)."""
-    return (prompts.unsqueeze(-1) * k + torch.arange(k, device=prompts.device)).reshape(-1)
-
-
-def _tokenizer(processor: Any) -> Any:
-    return getattr(processor, "tokenizer", processor)
-
-
-def encode_continuations(
-    processor: Any,
-    prompts: Sequence[Sample],
-    replies: Sequence[Sequence[str]],
-    max_length: int | None = None,
-) -> Continuations:
-    """Encode prompts (with their images) once and their replies as separate token rows.
-
-    Args:
-        prompts: ``B`` samples holding the prompt turns only (``messages`` end with a user turn).
-        replies: ``B`` lists of ``k`` reply texts each.
-        max_length: longest allowed prompt + reply, in tokens (image tokens included).
-
-    Raises:
-        ValueError: replies of unequal count, a chat template that is not prefix-stable, or a sequence longer than
-            ``max_length``.
-    """
-    k = len(replies[0])
-    if any(len(r) != k for r in replies):
-        raise ValueError("every prompt needs the same number of replies")
-    tok = _tokenizer(processor)
-    prefixes = [render(processor, s.messages, generation_prompt=True) for s in prompts]
-    enc = processor_inputs(processor, prefixes, load_image_groups(prompts), padding_side="left")
-    prompt_lens = enc["attention_mask"].sum(-1).tolist()
-    tails: list[str] = []
-    for sample, prefix, texts in zip(prompts, prefixes, replies):
-        for text in texts:
-            full = render(processor, (*sample.messages, Message.assistant(text)))
-            if not full.startswith(prefix):
-                raise ValueError("chat template is not prefix-stable; cannot split prompt and reply")
-            tails.append(full[len(prefix) :])
-    rows: list[list[int]] = tok(tails, add_special_tokens=False)["input_ids"]  # one call for every reply
-    for i, ids in enumerate(rows):
-        sample, p_len = prompts[i // k], prompt_lens[i // k]
-        if max_length is not None and p_len + len(ids) > max_length:
-            raise ValueError(f"sample {sample.id!r} has {p_len + len(ids)} tokens > max_length={max_length}")
-    width = max(1, max(len(r) for r in rows))
-    replies_t = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, ids in enumerate(rows):
-        replies_t[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[i, : len(ids)] = True
-    return Continuations(enc, replies_t, mask, k, tuple(len(s.images) for s in prompts))
-
-
-def prompt_sample(pair: PreferencePair, images: Sequence[Any] | None = None) -> Sample:
-    """The pair's prompt as a ``Sample`` (optionally with other images, e.g. mDPO's corrupted one)."""
-    return Sample(
-        id=pair.id,
-        messages=pair.prompt,
-        images=tuple(images) if images is not None else pair.images,
-        root=pair.root,
-        meta=pair.meta,
-    )
-
-
 def unsupported_reason(model: Any) -> str | None:
     """Why the shared-prompt forward cannot run on ``model`` (``None`` when it can)."""
     inner = inner_model(model)
-    model_type = getattr(getattr(inner, "config", None), "model_type", None)
-    if model_type not in ROPE_1D | ROPE_3D:
+    config = getattr(inner, "config", None)
+    fam = family_of(config) if config is not None else None
+    if fam is None or fam.rope is None:
+        model_type = getattr(config, "model_type", None)
         return f"model type {model_type!r} is not one the shared-prompt forward knows"
     if not hasattr(inner, "model") or not hasattr(inner, "lm_head"):
         return f"{type(inner).__name__} has no .model/.lm_head"
@@ -209,23 +72,6 @@ def inner_model(model: Any) -> Any:
     """The HF model under a PEFT wrapper (LoRA layers are injected in place, so they still run)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
-
-
-def prompt_positions(base: Any, model_type: str, prompt: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Position ids of the left-padded prompts: [B, P], or [3, B, P] for M-RoPE."""
-    mask = prompt["attention_mask"]
-    linear = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    if model_type not in ROPE_3D:
-        return linear
-    if "image_grid_thw" not in prompt:
-        return linear.unsqueeze(0).expand(3, -1, -1)
-    pos, _ = base.get_rope_index(
-        prompt["input_ids"],
-        image_grid_thw=prompt["image_grid_thw"],
-        attention_mask=mask,
-        mm_token_type_ids=prompt.get("mm_token_type_ids"),
-    )
-    return pos
 
 
 def _head_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -253,10 +99,9 @@ def continuation_logps(
 def _continuation_logps(model: Any, batch: Continuations, options: ForwardOptions) -> tuple[torch.Tensor, torch.Tensor]:
     inner = inner_model(model)
     base, lm_head = inner.model, inner.lm_head
-    model_type = inner.config.model_type
     prompt, k = batch.prompt, batch.k
     mask = prompt["attention_mask"]
-    pos = prompt_positions(base, model_type, prompt)
+    pos = prompt_positions(inner, prompt)
     out = base(**prompt, position_ids=pos, use_cache=True, return_dict=True)
     last = out.last_hidden_state[:, -1:]  # left padding: the last column is every prompt's last token
     replies, reply_mask = batch.replies, batch.reply_mask
@@ -316,73 +161,28 @@ def full_sequence_logps(
     return sequence_logps(logits, labels)
 
 
-@dataclass
-class EncodedPairs:
-    """A batch of pairs encoded for one forward layout: shared prompt (``shared``) or full sequences (``full``).
+class PairScores(NamedTuple):
+    """Log-probs of a batch of pairs under one model, every tensor [B] (a named tuple, so DDP sees its tensors).
 
-    ``corrupt_*`` hold mDPO's chosen reply under the corrupted images, when asked for; ``only_corrupt`` keeps just
-    those (the reference's share of an mDPO step when its other log-probs come from the cache).
+    Attributes:
+        chosen / rejected: summed log p(reply | prompt, images).
+        chosen_tokens / rejected_tokens: reply token counts.
+        chosen_corrupt: summed log p(chosen | prompt, corrupted images) (mDPO), when the batch was encoded for it.
     """
 
-    n: int
-    shared: Continuations | None = None
-    full: dict[str, torch.Tensor] | None = None
-    corrupt_shared: Continuations | None = None
-    corrupt_full: dict[str, torch.Tensor] | None = None
-
-    def to(self, device: torch.device | str) -> EncodedPairs:
-        def move(d: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-            return None if d is None else {k: v.to(device) for k, v in d.items()}
-
-        return EncodedPairs(
-            self.n,
-            self.shared.to(device) if self.shared is not None else None,
-            move(self.full),
-            self.corrupt_shared.to(device) if self.corrupt_shared is not None else None,
-            move(self.corrupt_full),
-        )
-
-    def only_corrupt(self) -> EncodedPairs:
-        return EncodedPairs(self.n, corrupt_shared=self.corrupt_shared, corrupt_full=self.corrupt_full)
-
-
-def encode_pairs(
-    processor: Any,
-    pairs: Sequence[PreferencePair],
-    *,
-    share_prompt: bool,
-    max_length: int | None = None,
-    corrupt_images: Sequence[Sequence[Any]] | None = None,
-) -> EncodedPairs:
-    """Encode pairs for ``PairScorer``; ``corrupt_images`` (one image list per pair) adds mDPO's conditional term."""
-    out = EncodedPairs(n=len(pairs))
-    if share_prompt:
-        out.shared = encode_continuations(
-            processor, [prompt_sample(p) for p in pairs], [(p.chosen, p.rejected) for p in pairs], max_length
-        )
-        if corrupt_images is not None:
-            prompts = [prompt_sample(p, imgs) for p, imgs in zip(pairs, corrupt_images)]
-            out.corrupt_shared = encode_continuations(processor, prompts, [(p.chosen,) for p in pairs], max_length)
-        return out
-    chosen = [p.as_samples()[0] for p in pairs]
-    rejected = [p.as_samples()[1] for p in pairs]
-    out.full = encode_sft(processor, chosen + rejected, max_length)
-    if corrupt_images is not None:
-        from dataclasses import replace
-
-        corrupt = [replace(c, images=tuple(imgs)) for c, imgs in zip(chosen, corrupt_images)]
-        out.corrupt_full = encode_sft(processor, corrupt, max_length)
-    return out
+    chosen: torch.Tensor | None
+    rejected: torch.Tensor | None
+    chosen_tokens: torch.Tensor | None
+    rejected_tokens: torch.Tensor | None
+    chosen_corrupt: torch.Tensor | None
 
 
 class PairScorer(torch.nn.Module):
-    """Wraps a VLM so that one ``forward`` call scores a whole batch of pairs.
+    """Wraps a VLM so that one ``forward`` call scores a whole batch of pairs (``PairScores``).
 
     One call per micro-step keeps the policy's computation inside a single ``forward``, as DDP requires when
-    ``accelerate`` wraps this module; the VLM itself stays reachable as ``.vlm`` for saving.
-
-    ``forward`` returns ``(chosen [B], rejected [B], chosen_tokens [B], rejected_tokens [B], chosen_corrupt [B])``;
-    the parts the batch was not encoded for are ``None``.
+    ``accelerate`` wraps this module; the VLM itself stays reachable as ``.vlm`` for saving. The parts the batch was
+    not encoded for are ``None`` (``EncodedPairs.only_corrupt`` scores only mDPO's corrupted-image term).
     """
 
     def __init__(self, vlm: torch.nn.Module, options: ForwardOptions = ForwardOptions()) -> None:
@@ -394,7 +194,7 @@ class PairScorer(torch.nn.Module):
             options = ForwardOptions(share_prompt=False, response_logits_only=options.response_logits_only)
         self.options = options
 
-    def forward(self, batch: EncodedPairs) -> tuple[torch.Tensor | None, ...]:
+    def forward(self, batch: EncodedPairs) -> PairScores:
         n = batch.n
         chosen = rejected = chosen_len = rejected_len = None
         if batch.shared is not None:
@@ -410,4 +210,32 @@ class PairScorer(torch.nn.Module):
             corrupt, _ = continuation_logps(self.vlm, batch.corrupt_shared, self.options)
         elif batch.corrupt_full is not None:
             corrupt, _ = full_sequence_logps(self.vlm, batch.corrupt_full, self.options)
-        return chosen, rejected, chosen_len, rejected_len, corrupt
+        return PairScores(chosen, rejected, chosen_len, rejected_len, corrupt)
+
+
+def pair_logps(
+    policy: PairScores,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    ref_chosen_corrupt: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
+) -> PairLogps:
+    """The loss functions' input from the policy's scores (with grad) and the reference's log-probs: token counts,
+    the chosen reply's mean NLL (RPO's term), mDPO's corrupted-image term when the policy scored it, MM-DPO's margin.
+    """
+    chosen, chosen_len = policy.chosen, policy.chosen_tokens
+    if chosen is None or policy.rejected is None or chosen_len is None or policy.rejected_tokens is None:
+        raise ValueError("pair_logps needs the policy's chosen and rejected scores")
+    return PairLogps(
+        policy_chosen=chosen,
+        policy_rejected=policy.rejected,
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
+        chosen_tokens=chosen_len.float(),
+        rejected_tokens=policy.rejected_tokens.float(),
+        policy_chosen_corrupt=policy.chosen_corrupt,
+        ref_chosen_corrupt=ref_chosen_corrupt if policy.chosen_corrupt is not None else None,
+        margin=margin,
+        policy_chosen_nll=-chosen / chosen_len.clamp_min(1),
+    )

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from mmalign.data.llava_inputs import llava_inputs
 from mmalign.data.lru import ByteLRU
 from mmalign.data.media import file_stamp
 from mmalign.logprobs import IGNORE_INDEX
+from mmalign.models.families import fast_encoder
 from mmalign.types import ImageRef, Message, Sample
 
 __all__ = ["IGNORE_INDEX", "encode_prompts", "encode_sft", "render"]
@@ -141,7 +141,8 @@ def processor_inputs(
         enc = processor(**kwargs)
         return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
-    return llava_inputs(processor, texts, images, call)
+    encoder = fast_encoder(processor)
+    return call() if encoder is None else encoder(processor, texts, images, call)
 
 
 def encode_sft(processor: Any, samples: Sequence[Sample], max_length: int | None = None) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ log-likelihood is the one it has alone, up to floating-point rounding. Unlike gr
 batches themselves are unchanged: the same samples, the same loss.
 
 Supported for inputs of the form ``input_ids``/``attention_mask``/``labels`` plus one ``pixel_values`` entry per
-image in sample order (LLaVA-style). Models with multimodal rotary positions (Qwen2-VL) or per-image grids need
+image in sample order (``Family.packable``). Models with multimodal rotary positions or per-image grids need
 their own position ids, so :func:`pack_batch` refuses them.
 """
 
@@ -66,7 +66,7 @@ def pack_batch(
     """
     extra = set(enc) - PACKABLE_KEYS
     if extra:
-        raise ValueError(f"cannot pack inputs with {sorted(extra)} (only LLaVA-style image inputs can be packed)")
+        raise ValueError(f"cannot pack inputs with {sorted(extra)} (only one pixel row per image can be packed)")
     mask = enc["attention_mask"].bool()
     lengths = mask.sum(-1).tolist()
     if any(not bool(mask[i, :n].all()) for i, n in enumerate(lengths)):

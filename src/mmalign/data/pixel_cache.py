@@ -6,7 +6,7 @@ an SFT run preprocesses each image several times; with a tiny model that preproc
 from a bounded least-recently-used cache. Images are keyed by their decoded content (mode, size and a hash of the
 pixels) and the keyword arguments of the call, so the cached tensor is exactly what the image processor would
 return. It only caches image processors that turn each image into one fixed-shape tensor (``pixel_values`` with one
-row per image: CLIP, SigLIP, LLaVA-style); others (Qwen2-VL's patch lists, tiling processors) are called as before.
+row per image, e.g. CLIP and SigLIP); others (patch lists, tiling processors) are called as before.
 """
 
 from __future__ import annotations

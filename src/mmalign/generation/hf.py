@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from mmalign.data.collate import processor_inputs, render
-from mmalign.forward import inner_model, prompt_positions, unsupported_reason
+from mmalign.forward import inner_model, unsupported_reason
 from mmalign.generation.sampling import DEFAULT_SAMPLING, SamplingParams, sample_next
+from mmalign.models.families import prompt_positions
 from mmalign.runtime.progress import progress_bar
 from mmalign.types import Rollout, Sample
 
@@ -109,7 +110,7 @@ def sample_batch(
     if reason is not None:
         raise ValueError(f"cannot sample from this model: {reason}")
     inner = inner_model(model)
-    base, lm_head, model_type = inner.model, inner.lm_head, inner.config.model_type
+    base, lm_head = inner.model, inner.lm_head
     tok = _tokenizer(processor)
     device = next(inner.parameters()).device
     prefixes = list(prefixes) if prefixes is not None else [""] * len(prompts)
@@ -117,7 +118,7 @@ def sample_batch(
     per_reply = image_drop > 0
     enc = {k: v.to(device) for k, v in _encode(processor, prompts, prefixes, n if per_reply else 1).items()}
     pad_mask = enc["attention_mask"]
-    pos = prompt_positions(base, model_type, enc)
+    pos = prompt_positions(inner, enc)
     attn = pad_mask
     keep = None
     if per_reply:

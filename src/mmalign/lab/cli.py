@@ -146,8 +146,8 @@ def default_world_texts() -> list[str]:
     """The texts of a default synthetic world: the vocabulary of a tiny model built without data files."""
     import tempfile
 
+    from mmalign.data.corpus import texts_from
     from mmalign.lab.world import make_world
-    from mmalign.models.vocab import texts_from
 
     with tempfile.TemporaryDirectory() as tmp:
         make_world(tmp, n_train=1000, n_eval=100, progress=False)

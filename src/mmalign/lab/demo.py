@@ -7,7 +7,7 @@ only chains them with a profile of sizes.
 
 The tiny model's vision path (tower + calibrated projector) stays frozen in the decoder stages and only the decoder
 learns: a random decoder trained jointly with the projector collapses the projector's output to a constant and never
-reads the image (measured; see docs/world.md).
+reads the image (docs/design.md, docs/results.md).
 """
 
 from __future__ import annotations
@@ -61,20 +61,19 @@ class DemoProfile:
     pair_kinds: str = "prior_tail,removed,removed_existence"
     batch_size: int = 16
     # Batches of similar length (``TrainConfig.group_by_length``) for pretraining and SFT: faster, but it learns
-    # less (measured: POPE random accuracy 0.892 → 0.677 after SFT, docs/preference.md).
+    # less (docs/results.md).
     group_by_length: bool = False
     # Each batch packed into fewer rows (``TrainConfig.pack``) for pretraining and SFT: same batches and loss,
-    # about 40% less compute per SFT step.
+    # less compute per SFT step (docs/results.md).
     pack: bool = True
-    # ``torch.compile`` the decoder for pretraining and SFT (``TrainConfig.compile``): about 10% off the default
-    # profile's time on 2 CPU cores (docs/preference.md), off so that the measured numbers do not depend on a C++
-    # compiler.
+    # ``torch.compile`` the decoder for pretraining and SFT (``TrainConfig.compile``): faster (docs/results.md), off
+    # so that the measured numbers do not depend on a C++ compiler.
     compile: bool = False
     lr: float = 1e-3
     # Supervised pretraining of the random vision tower (``mmalign train vision``) on the per-cell labels of
     # ``vision_scenes`` training scenes before the decoder stages, as a real VLM inherits a tower that sees; 0 steps
     # keeps the random tower, whose SFT model's POPE accuracy swings with the seed and even the CPU's rounding
-    # (0.67–0.89; docs/world.md).
+    # (docs/results.md).
     vision_steps: int = 200
     vision_scenes: int = 8000
     chair_max_new_tokens: int = 80
@@ -83,7 +82,7 @@ class DemoProfile:
     dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
     # NLL on the chosen reply beside the preference loss (RPO): without it the rejected captions' extra sentence
-    # teaches the model to stop early (measured: caption length 27 → 6 words, recall 0.74 → 0.07).
+    # teaches the model to stop early (docs/results.md).
     dpo_rpo_alpha: float = 1.0
 
     @property
@@ -399,16 +398,16 @@ def run_demo(
         processes: CPU processes for rendering the world's images and for the preference runs, which run side by
             side (default: two on a CPU with two or more cores, one for ``quick``, whose runs are too short to repay
             starting them). Pretraining and SFT run in this process with all its threads: packed rows gain from
-            a second thread, a second data-parallel process does not (measured; docs/preference.md).
+            a second thread, a second data-parallel process does not (docs/results.md).
 
     Raises:
         ConfigError: a bad override, or ``out`` holding a demo of another profile or seed.
     """
+    from mmalign.data.corpus import corpus_images, corpus_texts
     from mmalign.lab.report import write_report
     from mmalign.lab.world import write_world
     from mmalign.models.build import build_tiny, save_model
     from mmalign.models.families import TinySize
-    from mmalign.models.vocab import corpus_images, corpus_texts
     from mmalign.runtime.checkpoint import atomic_write_text
 
     profile = demo_profile("quick" if quick else "default", overrides)

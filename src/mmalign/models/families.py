@@ -2,19 +2,26 @@
 
 Everything that differs between VLM families lives here: which transformers classes to use, the image
 placeholder token, the module names of the vision tower, the projector and the language model (for freezing and
-LoRA targets), and how to build a small random-init model of the family offline. The rest of the toolkit is
-architecture-agnostic and asks this module.
+LoRA targets), the decoder's position rule (for the shared-prompt pair forward and the sampler), whether SFT rows can
+be packed, how to build the processor where transformers' own needs a missing package, a direct input encoder, how a
+flat image-feature tensor splits per image, and how to build a small random-init model of the family offline. The
+rest of the toolkit is architecture-agnostic and asks this module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
+from mmalign.models.fast_inputs import llava_inputs
 from mmalign.models.processor import ImageTokenProcessor
+
+# How the decoder numbers positions: "1d" rotary positions (a plain causal LM), or Qwen2-VL's 3-D "mrope".
+Rope = Literal["1d", "mrope"]
 
 # Chat templates for the tiny models. They follow the shape of each family's real template, without newlines
 # so that the word-level tokenizer needs no whitespace tokens.
@@ -74,6 +81,14 @@ class Family:
         special_tokens: tokens a word-level tokenizer for a tiny model of the family needs.
         chat_template: template for the tiny model's tokenizer and processor.
         build_tiny: builds (model, processor) of the family from a tokenizer and a ``TinySize``.
+        rope: the decoder's position rule; ``None`` keeps the family off the shared-prompt forward and the sampler.
+        packable: SFT rows can be packed end to end (1-D positions restarting per sample, one pixel row per image).
+        processor_fallback: builds the processor from a checkpoint directory when ``AutoProcessor`` cannot (e.g. it
+            wants a video processor, i.e. torchvision).
+        processor_class / fast_encoder: a processor of this class name may be encoded by ``fast_encoder(processor,
+            texts, images, call)`` instead of its own call (``call()``), which it must match.
+        feature_sizes: image tokens per image of a flat [tokens, D] image-feature tensor, from the model and the
+            processor's batch.
     """
 
     name: str
@@ -100,6 +115,32 @@ class Family:
     # Default patches per image side of a tiny model: LLaVA gets one patch per cell of the world's 3x3 grid;
     # families that merge 2x2 patches into one token get 6 (still one token per cell).
     patches_per_side: int = 3
+    rope: Rope | None = None
+    packable: bool = False
+    processor_fallback: Callable[[Path, Family], Any] | None = field(default=None, repr=False)
+    processor_class: str = ""
+    fast_encoder: Callable[..., dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    feature_sizes: Callable[[Any, dict[str, torch.Tensor]], list[int]] | None = field(default=None, repr=False)
+
+
+def _qwen2vl_processor(path: Path, fam: Family) -> Any:
+    """Qwen2-VL's processor wants a video processor, i.e. torchvision; the image-only one does the same work."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+    return ImageTokenProcessor(tok, image_processor, fam.image_token)
+
+
+def _merged_grid_sizes(model: Any, batch: dict[str, torch.Tensor]) -> list[int]:
+    """Qwen2-VL: each image's patches (its ``image_grid_thw``) merged ``spatial_merge_size``² to one token."""
+    merge = model.config.vision_config.spatial_merge_size**2
+    return (batch["image_grid_thw"].prod(-1) // merge).tolist()
 
 
 def _llama_text(tok: Any, size: TinySize) -> dict[str, Any]:
@@ -268,6 +309,10 @@ FAMILIES: dict[str, Family] = {
         bos_token="<s>",
         chat_template=LLAVA_TEMPLATE,
         build_tiny=_build_llava,
+        rope="1d",
+        packable=True,
+        processor_class="LlavaProcessor",
+        fast_encoder=llava_inputs,
     ),
     "qwen2-vl": Family(
         name="qwen2-vl",
@@ -291,6 +336,9 @@ FAMILIES: dict[str, Family] = {
         chat_template=QWEN2VL_TEMPLATE,
         build_tiny=_build_qwen2vl,
         patches_per_side=6,
+        rope="mrope",
+        processor_fallback=_qwen2vl_processor,
+        feature_sizes=_merged_grid_sizes,
     ),
     "idefics3": Family(
         name="idefics3",
@@ -313,6 +361,7 @@ FAMILIES: dict[str, Family] = {
         chat_template=IDEFICS3_TEMPLATE,
         build_tiny=_build_idefics3,
         patches_per_side=6,
+        rope="1d",
     ),
 }
 
@@ -332,3 +381,31 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}") from None
+
+
+def fast_encoder(processor: Any) -> Callable[..., dict[str, torch.Tensor]] | None:
+    """The direct input encoder registered for ``processor``'s class, if any."""
+    name = type(processor).__name__
+    for fam in FAMILIES.values():
+        if fam.fast_encoder is not None and fam.processor_class == name:
+            return fam.fast_encoder
+    return None
+
+
+def prompt_positions(model: Any, prompt: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Position ids of left-padded prompts for ``model`` (the HF model with ``.config`` and ``.model``): [B, P], or
+    [3, B, P] for M-RoPE (from the model's own ``get_rope_index`` when the prompts hold images)."""
+    mask = prompt["attention_mask"]
+    linear = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    fam = family_of(model.config)
+    if fam is None or fam.rope != "mrope":
+        return linear
+    if "image_grid_thw" not in prompt:
+        return linear.unsqueeze(0).expand(3, -1, -1)
+    pos, _ = model.model.get_rope_index(
+        prompt["input_ids"],
+        image_grid_thw=prompt["image_grid_thw"],
+        attention_mask=mask,
+        mm_token_type_ids=prompt.get("mm_token_type_ids"),
+    )
+    return pos

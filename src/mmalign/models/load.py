@@ -15,7 +15,6 @@ import torch
 
 from mmalign.errors import ModelError
 from mmalign.models.families import Family, family_of
-from mmalign.models.processor import ImageTokenProcessor
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +39,9 @@ def _load_processor(path: Path, fam: Family | None, trust_remote_code: bool) -> 
     try:
         return AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (ImportError, TypeError, AttributeError) as exc:
-        # Qwen2-VL's processor needs a video processor, i.e. torchvision; the image-only one does the same work.
-        if fam is None or fam.name != "qwen2-vl":
+        if fam is None or fam.processor_fallback is None:
             raise ModelError(f"{path}: cannot build the processor: {exc}") from None
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        try:
-            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        except ImportError:
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-        return ImageTokenProcessor(tok, image_processor, fam.image_token)
+        return fam.processor_fallback(path, fam)
 
 
 def load_model(

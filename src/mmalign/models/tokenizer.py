@@ -34,7 +34,7 @@ def words_of(texts: Iterable[str]) -> set[str]:
     pre = _pre_tokenizer()
     # The pre-tokenizer splits on whitespace first and treats every piece alone, so the corpus's tokens are those of
     # its distinct space-separated pieces (a piece may still hold a newline; the pre-tokenizer splits it), and many
-    # pieces joined by spaces split in one call as they would one by one: 57k captions take 0.2 s instead of 5 s.
+    # pieces joined by spaces split in one call as they would one by one, much faster than a call per caption.
     pieces: set[str] = set()
     for text in set(texts):
         pieces.update(text.split(" "))

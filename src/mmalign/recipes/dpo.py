@@ -24,8 +24,9 @@ from pydantic import Field
 
 from mmalign.config import FreezeConfig, TrainConfig, dump_config
 from mmalign.data.corruption import random_crop
+from mmalign.data.pair_inputs import EncodedPairs, encode_pairs
 from mmalign.data.preference import load_pairs
-from mmalign.forward import EncodedPairs, ForwardOptions, PairScorer, encode_pairs
+from mmalign.forward import ForwardOptions, PairScorer, pair_logps
 from mmalign.losses import LOSSES, LossConfig, PairLogps, compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import Batches
@@ -129,8 +130,8 @@ def _reference_cache(
     def score(batch: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = encode_pairs(loaded.processor, batch, share_prompt=scorer.options.share_prompt, max_length=cfg.max_length)
         with torch.no_grad(), accelerator.autocast():
-            chosen, rejected, *_ = scorer(enc.to(accelerator.device))
-        return chosen, rejected
+            scores = scorer(enc.to(accelerator.device))
+        return scores.chosen, scores.rejected
 
     needed = _visited(batches, cfg)
     if accelerator.is_main_process:
@@ -148,32 +149,21 @@ def _pair_logps(
     batch: list[PreferencePair],
 ) -> PairLogps:
     """Policy (with grad) and reference (cached, or without grad) log-probs of one micro-batch."""
-    chosen, rejected, len_c, len_r, corrupt = policy(enc)
-    device = chosen.device
-    fields: dict[str, Any] = {}
+    scores = policy(enc)
+    device = scores.chosen.device
+    ref_corrupt = None
     if ref_cached is not None:
         ref_c, ref_r = (t[idx].to(device) for t in ref_cached)
     if reference is not None:
         with torch.no_grad():
             ref = reference(enc if ref_cached is None else enc.only_corrupt())
         if ref_cached is None:
-            ref_c, ref_r = ref[0], ref[1]
-        if corrupt is not None:
-            fields["ref_chosen_corrupt"] = ref[4]
-    if corrupt is not None:
-        fields["policy_chosen_corrupt"] = corrupt
+            ref_c, ref_r = ref.chosen, ref.rejected
+        ref_corrupt = ref.chosen_corrupt
+    margin = None
     if any(p.margin is not None for p in batch):
-        fields["margin"] = torch.tensor([p.margin or 0.0 for p in batch], device=device)
-    return PairLogps(
-        policy_chosen=chosen,
-        policy_rejected=rejected,
-        ref_chosen=ref_c,
-        ref_rejected=ref_r,
-        chosen_tokens=len_c.float(),
-        rejected_tokens=len_r.float(),
-        policy_chosen_nll=-chosen / len_c.clamp_min(1),
-        **fields,
-    )
+        margin = torch.tensor([p.margin or 0.0 for p in batch], device=device)
+    return pair_logps(scores, ref_c, ref_r, ref_chosen_corrupt=ref_corrupt, margin=margin)
 
 
 def _prepare(cfg: DpoConfig, accelerator: Any) -> tuple[Any, list[PreferencePair], ForwardOptions, Any, Batches]:

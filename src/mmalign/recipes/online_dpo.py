@@ -32,14 +32,15 @@ from pydantic import Field
 
 from mmalign.config import FreezeConfig, TrainConfig, dump_config
 from mmalign.data.loaders import load_samples
+from mmalign.data.pair_inputs import encode_pairs
 from mmalign.data.preference import load_pairs
 from mmalign.errors import ConfigError
-from mmalign.forward import ForwardOptions, PairScorer, encode_pairs
+from mmalign.forward import ForwardOptions, PairScorer, pair_logps
 from mmalign.generation.bdhs import BdhsConfig, bdhs_pairs
 from mmalign.generation.hf import HFGenerator
 from mmalign.generation.sampling import SamplingParams
 from mmalign.judges import Judge
-from mmalign.losses import LossConfig, PairLogps, compute_loss, dpo_metrics
+from mmalign.losses import LossConfig, compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.launch import Recipe
@@ -234,22 +235,16 @@ def train(cfg: OnlineDpoConfig) -> Path:
             pairs, weights, stats = step_pairs(generator, judge, [prompts[i] for i in idx], offline, cfg, m)
             enc = encode_pairs(loaded.processor, pairs, share_prompt=share, max_length=cfg.max_length)
             enc = enc.to(accelerator.device)
-            chosen, rejected, len_c, len_r, _ = policy(enc)
+            scores = policy(enc)
             with torch.no_grad():
-                ref_c, ref_r, *_ = reference(enc)
-            logps = PairLogps(
-                policy_chosen=chosen,
-                policy_rejected=rejected,
-                ref_chosen=ref_c,
-                ref_rejected=ref_r,
-                chosen_tokens=len_c.float(),
-                rejected_tokens=len_r.float(),
-                policy_chosen_nll=-chosen / len_c.clamp_min(1),
-            )
+                ref = reference(enc)
+            logps = pair_logps(scores, ref.chosen, ref.rejected)
             result = compute_loss(cfg.loss, logps, loss_cfg)
             loss = (result.loss * weights.to(result.loss.device)).sum()
             accelerator.backward(loss / cfg.grad_accum)
-            kl = ((chosen - ref_c) + (rejected - ref_r)).detach().mean().item() / 2
+            kl = (
+                (logps.policy_chosen - ref.chosen) + (logps.policy_rejected - ref.rejected)
+            ).detach().mean().item() / 2
             step_stats = {**dpo_metrics(result, logps), **stats, "objective/kl": kl}
             step_stats["loss"] = loss.item()
             step_stats["objective/non_score_reward"] = -cfg.beta * kl

@@ -123,9 +123,11 @@ def train(cfg: TrainConfig) -> Path:
         enabled=cfg.progress and accelerator.is_main_process,
     )
 
-    if cfg.pack and loaded.family.name != "llava":
+    if cfg.pack and (loaded.family is None or not loaded.family.packable):
+        name = loaded.family.name if loaded.family else loaded.model.config.model_type
         raise ConfigError(
-            f"pack=true supports LLaVA-style models only; {loaded.family.name} needs its own position ids (pack=false)"
+            f"pack=true needs a family whose rows can be packed (1-D positions, one pixel row per image); {name} "
+            "needs its own position ids (pack=false)"
         )
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     encoder = with_pixel_cache(loaded.processor, cfg.pixel_cache_mb << 20)

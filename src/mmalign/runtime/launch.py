@@ -7,8 +7,8 @@ set-up, nothing home-made. ``batch_size`` in the flags is the *global* batch; ea
 runs ``python -m <the recipe's module> key=value ...``, whose ``__main__`` block calls ``main(RECIPE, argv)``.
 
 ``run_side_by_side(fn, jobs, processes)`` runs independent jobs (a preference run and its evaluation) in a pool of
-single-thread processes. On 2 CPU cores the toolkit's small models gain nothing from a second thread, nor (measured,
-docs/preference.md) from a second data-parallel process, while two single-thread jobs each run at nearly full speed.
+single-thread processes: on a small CPU, small models gain little from a second thread or a second data-parallel
+process, while two single-thread jobs each run at nearly full speed (docs/results.md).
 """
 
 from __future__ import annotations

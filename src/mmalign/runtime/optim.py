@@ -15,8 +15,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # foreach: one call per step for all tensors instead of a Python loop over them (the default on GPUs). On a CPU
-    # it runs the same per-tensor kernels, so the weights are bit for bit those of the loop (measured over 30 steps
-    # of the demo model) in 4.4 instead of 5.6 ms; the fused kernel would be faster still but rounds differently.
+    # it runs the same per-tensor kernels, so the weights are bit for bit those of the loop, in less time; the fused
+    # kernel would be faster still but rounds differently (docs/design.md).
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, foreach=True)
 
 

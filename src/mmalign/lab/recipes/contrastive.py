@@ -21,6 +21,7 @@ from pydantic import Field
 
 from mmalign.config import TrainConfig, dump_config
 from mmalign.data.loaders import load_samples
+from mmalign.models.families import family_of
 from mmalign.models.load import load_model
 from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.checkpoint import save_model_atomic
@@ -93,10 +94,11 @@ def _image_tokens(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([f.reshape(-1, f.shape[-1]).mean(0) for f in feats])
     if feats.dim() == 3:
         return feats.mean(1)
-    # Flat [sum of tokens, D] (Qwen2-VL): split per image by the grid sizes.
-    merge = model.config.vision_config.spatial_merge_size**2
-    sizes = (batch["image_grid_thw"].prod(-1) // merge).tolist()
-    return torch.stack([chunk.mean(0) for chunk in feats.split(sizes)])
+    # Flat [sum of tokens, D]: split per image as the family says.
+    fam = family_of(model.config)
+    if fam is None or fam.feature_sizes is None:
+        raise ValueError(f"{model.config.model_type}: flat image features and no registered way to split them")
+    return torch.stack([chunk.mean(0) for chunk in feats.split(fam.feature_sizes(model, batch))])
 
 
 def _encode(processor: Any, samples: list[Sample], max_len: int = 96) -> tuple[dict[str, torch.Tensor], dict]:

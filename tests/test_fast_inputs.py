@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmalign.data import llava_inputs
 from mmalign.data.collate import load_image_groups, processor_inputs, render
 from mmalign.data.loaders import load_samples
+from mmalign.models import fast_inputs
 from mmalign.models.load import load_model
 
 
@@ -30,13 +30,13 @@ def test_direct_encoding_equals_the_processors(llava_dir: Path, world_dir: Path)
         texts[3], images[3] = texts[3].replace("<image>", ""), []
         processor.tokenizer.padding_side = side
         want = _call(processor, texts, images)
-        direct = llava_inputs._direct(processor, texts, images)
+        direct = fast_inputs._direct(processor, texts, images)
         assert direct is not None and direct.keys() == want.keys()
         for key in want:
             assert torch.equal(direct[key], want[key]), key
         got = processor_inputs(processor, texts, images, padding_side=side)
         assert all(torch.equal(got[k], want[k]) for k in want)
-    assert llava_inputs._VERIFIED[processor] is True
+    assert fast_inputs._VERIFIED[processor] is True
 
 
 def test_a_processor_that_differs_is_always_called(
@@ -45,18 +45,18 @@ def test_a_processor_that_differs_is_always_called(
     processor = load_model(llava_dir).processor
     samples = load_samples(world_dir / "sft.jsonl", limit=8).samples
     texts, images = [render(processor, s.messages) for s in samples], load_image_groups(samples)
-    real = llava_inputs._direct
+    real = fast_inputs._direct
 
     def off_by_one(*args):  # type: ignore[no-untyped-def]
         out = real(*args)
         return {**out, "input_ids": out["input_ids"] + 1}
 
-    monkeypatch.setattr(llava_inputs, "_direct", off_by_one)
+    monkeypatch.setattr(fast_inputs, "_direct", off_by_one)
     want = _call(processor, texts, images)
     for _ in range(2):
         got = processor_inputs(processor, texts, images, padding_side="right")
         assert torch.equal(got["input_ids"], want["input_ids"])
-    assert llava_inputs._VERIFIED[processor] is False
+    assert fast_inputs._VERIFIED[processor] is False
     # A placeholder count that differs from the image count gets the processor's own error.
     with pytest.raises(ValueError, match="image"):
         processor_inputs(processor, texts, [g[:0] for g in images], padding_side="right")

@@ -58,3 +58,65 @@ def test_bad_values_and_cross_checks(tmp_path: Path) -> None:
         load_config(SftConfig, bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(SftConfig, tmp_path / "missing.yaml")
+
+
+def test_command_line_flags_are_generated_from_the_config(tmp_path: Path) -> None:
+    """`mmalign train dpo --beta 0.2 --lr 5e-5 --no-share-prompt` reaches the config; flags not given keep YAML."""
+    from mmalign.cli import build_parser
+    from mmalign.config import given
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("beta: 0.3\nsteps: 7\nshare_prompt: true\n")
+    argv = ["train", "dpo", "--config", str(yaml_file), "--beta", "0.2", "--lr", "5e-5", "--no-share-prompt"]
+    args = build_parser().parse_args([*argv, "--loss", "ipo", "rpo_alpha=0.5"])
+    flags = given(args, args.config_fields)
+    assert flags == {"beta": 0.2, "lr": 5e-5, "share_prompt": False, "loss": "ipo"}
+    cfg = load_config(DpoConfig, args.config, flags, args.overrides)
+    assert (cfg.beta, cfg.lr, cfg.share_prompt, cfg.loss, cfg.steps, cfg.rpo_alpha) == (0.2, 5e-5, False, "ipo", 7, 0.5)
+    assert cfg.loss_config().beta == 0.2 and cfg.loss_config().rpo_alpha == 0.5
+    with pytest.raises(SystemExit):  # a choice outside the Literal's values is argparse's error (exit 2)
+        build_parser().parse_args(["train", "sft", "--schedule", "bogus"])
+
+
+def test_loss_hyperparameters_are_declared_once() -> None:
+    """The preference recipes' defaults and checks are LossConfig's."""
+    import dataclasses
+
+    from mmalign.losses import LossConfig
+    from mmalign.recipes.online_dpo import OnlineDpoConfig
+
+    for cls in (DpoConfig, OnlineDpoConfig):
+        cfg = load_config(cls)
+        for f in dataclasses.fields(LossConfig):
+            if f.name in cls.model_fields:
+                assert getattr(cfg, f.name) == f.default, (cls.__name__, f.name)
+        with pytest.raises(ConfigError, match="beta must be > 0"):
+            load_config(cls, overrides=["beta=0"])
+    with pytest.raises(ConfigError, match="unknown loss 'bogus'; choose one of cdpo, dpo"):
+        load_config(DpoConfig, overrides=["loss=bogus"])
+
+
+def test_recipes_without_checkpoints_refuse_resume() -> None:
+    from mmalign.lab.recipes.vision import VisionConfig
+
+    for cls in (VisionConfig, ContrastiveConfig):
+        with pytest.raises(ConfigError, match="writes no checkpoints"):
+            load_config(cls, flags={"resume": True})
+    assert load_config(SftConfig, flags={"resume": True}).resume is True
+
+
+def test_dataclass_overrides_parse_and_check_like_training_overrides() -> None:
+    from mmalign.config import override_dataclass
+    from mmalign.models.families import TinySize
+
+    size, changes = override_dataclass(TinySize(), ["text_layers=2", "tie_embeddings=false", "text_hidden=64"], "size")
+    assert (size.text_layers, size.tie_embeddings, size.text_hidden) == (2, False, 64)
+    assert changes == {"text_layers": 2, "tie_embeddings": False, "text_hidden": 64}
+    with pytest.raises(ConfigError, match="did you mean 'text_layers'"):
+        override_dataclass(TinySize(), ["text_layer=2"], "size")
+    with pytest.raises(ConfigError, match="text_layers='two' is not int"):
+        override_dataclass(TinySize(), ["text_layers=two"], "size")
+    with pytest.raises(ConfigError, match="sizes must be >= 1: text_layers=-1"):
+        override_dataclass(TinySize(), ["text_layers=-1"], "size")
+    with pytest.raises(ConfigError, match="not a multiple of text_heads"):
+        override_dataclass(TinySize(), ["text_hidden=130"], "size")

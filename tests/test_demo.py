@@ -93,11 +93,11 @@ def test_profile_overrides_take_the_fields_types_and_refuse_bad_input(capsys) ->
     assert got.name == "quick, caption_order=grouped partner_question_prob=0.5 n_eval=40 pack=False"
     assert got.world_config(0).partner_question_prob == 0.5
     for bad, says in (
-        ("sft_steps", "expected key=value"),
-        ("steps=3", "expected key=value"),
-        ("name=x", "expected key=value"),
-        ("n_eval=many", "n_eval takes a value of type int"),
-        ("pack=yes", "pack takes a value of type bool"),
+        ("sft_steps", "'sft_steps' is not of the form key=value"),
+        ("steps=3", "unknown key 'steps' (did you mean 'sft_steps'?)"),
+        ("name=x", "the profile's name is not a setting"),
+        ("n_eval=many", "n_eval='many' is not int"),
+        ("pack=maybe", "pack='maybe' is not bool"),
         ("caption_order=sideways", "caption_order must be one of"),
         ("pair_prob=1.5", "pair_prob must be in [0, 1]"),
     ):
@@ -105,5 +105,5 @@ def test_profile_overrides_take_the_fields_types_and_refuse_bad_input(capsys) ->
             demo_profile("quick", [bad])
     # On the command line: one line naming the override, exit status 2, nothing run.
     assert main(["demo", "--quick", "--out", "/nonexistent/never-made", "n_eval=many"]) == 2
-    assert "n_eval takes a value of type int" in capsys.readouterr().err
+    assert "n_eval='many' is not int" in capsys.readouterr().err
     assert not Path("/nonexistent/never-made").exists()

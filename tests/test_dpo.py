@@ -59,8 +59,12 @@ def test_image_removed_diagnostic_runs(llava_dir: Path, pairs_file: Path, tmp_pa
 
 
 def test_unknown_loss_is_a_clear_error(llava_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown loss 'dop'"):
+    from mmalign.errors import ConfigError
+
+    # A configuration error (one line on the command line, exit 2), found before anything is loaded.
+    with pytest.raises(ConfigError, match="unknown loss 'dop'; choose one of cdpo, dpo"):
         _run(llava_dir, pairs_file, tmp_path / "bad", "loss=dop")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_dpo_resume_matches_uninterrupted(llava_dir: Path, pairs_file: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from mmalign.forward import ForwardOptions, PairScorer, unsupported_reason
 from mmalign.models.load import load_model
 from mmalign.types import ImageRef, Message, PreferencePair
 
-FAMILIES = ("llava", "qwen2-vl", "idefics3")
+FAMILIES = ("llava", "qwen2-vl", "idefics3", "smolvlm", "qwen2.5-vl", "llava-next", "llava-onevision")
 
 
 def _pairs(world: Path) -> list[PreferencePair]:

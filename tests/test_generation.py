@@ -51,7 +51,9 @@ def test_image_keep_mask_hides_only_image_tokens_at_rate_rho() -> None:
     assert abs(visible - 0.01) < 0.005
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "idefics3"])
+@pytest.mark.parametrize(
+    "family", ["llava", "qwen2-vl", "idefics3", "smolvlm", "qwen2.5-vl", "llava-next", "llava-onevision"]
+)
 def test_greedy_matches_model_generate(family: str, world_dir: Path, tmp_path: Path) -> None:
     loaded = load_model(build_model(family, world_dir, tmp_path / family))
     prompts = _prompts(world_dir)

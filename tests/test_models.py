@@ -14,7 +14,7 @@ from mmalign.data.loaders import load_samples
 from mmalign.models.load import apply_freeze, apply_lora, count_parameters, load_model
 from mmalign.recipes.sft import SftConfig, train
 
-FAMILIES = ["llava", "qwen2-vl", "idefics3"]
+FAMILIES = ["llava", "qwen2-vl", "idefics3", "smolvlm", "qwen2.5-vl", "llava-next", "llava-onevision"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

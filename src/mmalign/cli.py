@@ -23,7 +23,8 @@ log = logging.getLogger("mmalign")
 
 
 def _add_model(sub: Any) -> None:
-    from mmalign.models.families import FAMILIES
+    from mmalign.config import add_config_flags
+    from mmalign.models.families import FAMILIES, TinySize
 
     p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="model_command", required=True)
@@ -37,6 +38,7 @@ def _add_model(sub: Any) -> None:
         default=None,
         help="vision patch size (default: one image token per cell of the world's 3x3 grid)",
     )
+    size_fields = add_config_flags(init, TinySize, skip=("image_size", "patch_size"))
     init.add_argument(
         "--no-calibrate",
         action="store_true",
@@ -49,24 +51,21 @@ def _add_model(sub: Any) -> None:
         help="data files or world directories whose text makes the vocabulary",
     )
     init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--size", default=None, help="JSON of TinySize fields, e.g. '{\"text_layers\": 2}'")
-    init.set_defaults(func=cmd_model_init)
+    init.set_defaults(func=cmd_model_init, size_fields=size_fields)
 
 
 def cmd_model_init(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
+    from mmalign.config import given
     from mmalign.data.corpus import corpus_images, corpus_texts
     from mmalign.models.build import build_tiny, save_model
     from mmalign.models.families import TinySize, get_family
 
     per_side = get_family(args.family).patches_per_side
-    size = TinySize(image_size=args.image_size, patch_size=args.patch_size or max(1, args.image_size // per_side))
-    if args.size:
-        try:
-            size = replace(size, **json.loads(args.size))
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"--size: {exc}") from None
+    patch = args.patch_size or max(1, args.image_size // per_side)
+    try:
+        size = TinySize(image_size=args.image_size, patch_size=patch, **given(args, args.size_fields))
+    except ValueError as exc:
+        raise ConfigError(f"mmalign model init: {exc}") from None
     texts = corpus_texts(args.vocab_from) if args.vocab_from else lab_cli.default_world_texts()
     images = [] if args.no_calibrate else corpus_images(args.vocab_from)
     model, processor = build_tiny(args.family, texts, size=size, seed=args.seed, calibration_images=images)
@@ -76,49 +75,26 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model directory (a local Hugging Face checkpoint)")
-    p.add_argument("--data", help="data file (JSONL, Parquet) or saved HF dataset directory")
-    p.add_argument("--out", help="run directory")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
-    p.add_argument("--on-bad-record", choices=["fail", "skip"])
-    p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys for sections)")
-
-
 def _add_train(sub: Any) -> None:
+    from mmalign.config import add_config_flags
     from mmalign.lab.recipes import recipes
 
     p = sub.add_parser("train", help="training recipes")
     tsub = p.add_subparsers(dest="recipe", required=True)
     for name, found in recipes().items():
-        r = tsub.add_parser(name, help=found.help)
-        _common_train_flags(r)
-        if name in ("dpo", "online-dpo"):
-            r.add_argument("--loss", help="loss name from mmalign.losses.LOSSES (default dpo)")
-        r.set_defaults(func=cmd_train)
+        r = tsub.add_parser(name, help=found.help, description=f"{found.help}. Flags and key=value overrides win "
+                            "over --config; every flag is also a key of the YAML file.")  # fmt: skip
+        r.add_argument("--config", help="YAML config file")
+        r.set_defaults(func=cmd_train, config_fields=add_config_flags(r, found.config))
+        r.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys for sections: freeze.llm=false)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmalign.config import load_config
+    from mmalign.config import given, load_config
     from mmalign.lab.recipes import recipe
 
     found = recipe(args.recipe)
-    flags = {
-        "model": args.model,
-        "data": args.data,
-        "out": args.out,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "resume": args.resume,
-        "on_bad_record": args.on_bad_record,
-        "loss": getattr(args, "loss", None),
-    }
-    cfg = load_config(found.config, args.config, flags, args.overrides)
+    cfg = load_config(found.config, args.config, given(args, args.config_fields), args.overrides)
     for key in ("model", "data", "out"):
         if not getattr(cfg, key):
             raise ConfigError(f"--{key} is required (or set {key}: in the config file)")
@@ -133,6 +109,7 @@ def _add_eval(sub: Any) -> None:
     pope = esub.add_parser("pope", help="POPE: yes/no object existence questions")
     pope.add_argument("--model", required=True)
     pope.add_argument("--data", required=True, help="POPE question file or world directory")
+    pope.add_argument("--image-root", help="directory the question file's image names are in (default: the file's)")
     pope.add_argument("--split", default="all", choices=["random", "popular", "adversarial", "all"])
     pope.add_argument(
         "--method",
@@ -183,7 +160,7 @@ def cmd_eval_pope(args: argparse.Namespace) -> int:
     from mmalign.eval.pope import evaluate_pope, load_pope_sets, summary_table
     from mmalign.models.load import load_model
 
-    sets = load_pope_sets(args.data, args.split)
+    sets = load_pope_sets(args.data, args.split, args.image_root)
     loaded = load_model(args.model)
     out = Path(args.out)
     results = evaluate_pope(
@@ -244,46 +221,31 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
 
 
 def _add_pairs(sub: Any) -> None:
+    from mmalign.config import add_config_flags
+    from mmalign.generation.bdhs import BdhsConfig
+
     p = sub.add_parser("pairs", help="build preference pairs without annotators")
     psub = p.add_subparsers(dest="pairs_command", required=True)
     b = psub.add_parser("bdhs", help="BDHS: rejected replies written by the model with the image hidden")
     b.add_argument("--model", required=True, help="local checkpoint directory (the policy, e.g. after SFT)")
     b.add_argument("--data", required=True, help="samples whose final assistant turn is the ground-truth answer")
     b.add_argument("--out", required=True, help="output JSONL of pairs (an existing file is continued)")
-    b.add_argument("--rho", type=float, default=0.99, help="probability of hiding each image token")
-    b.add_argument("--epsilon", type=float, default=0.97, help="accept when cosine similarity is below this")
-    b.add_argument("--iterations", type=int, default=5, help="most rounds per example; the last is unguided")
-    b.add_argument("--guidance", choices=["reference", "none"], default="reference")
-    b.add_argument("--corruption", choices=["mask", "noise", "remove"], default="mask", help="how to hide the image")
-    b.add_argument("--noise-steps", type=int, default=500, help="diffusion steps for --corruption noise")
-    b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy continuations")
-    b.add_argument("--max-new-tokens", type=int, default=48, help="per continued sentence")
     b.add_argument("--embedder", help="sentence-transformers model directory (default: all-MiniLM-L6-v2, offline)")
     b.add_argument("--batch-size", type=int, default=16, help="examples generated together")
     b.add_argument("--max-samples", type=int)
     b.add_argument("--on-bad-record", choices=["fail", "skip"], default="fail")
-    b.add_argument("--seed", type=int, default=0)
-    b.set_defaults(func=cmd_pairs_bdhs)
+    b.set_defaults(func=cmd_pairs_bdhs, config_fields=add_config_flags(b, BdhsConfig))
 
 
 def cmd_pairs_bdhs(args: argparse.Namespace) -> int:
+    from mmalign.config import given
     from mmalign.generation.bdhs import BdhsConfig
     from mmalign.generation.bdhs_run import run_bdhs
     from mmalign.generation.embed import SentenceEmbedder
     from mmalign.models.load import load_model
 
     try:
-        cfg = BdhsConfig(
-            rho=args.rho,
-            epsilon=args.epsilon,
-            iterations=args.iterations,
-            guidance=args.guidance,
-            corruption=args.corruption,
-            noise_steps=args.noise_steps,
-            temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
+        cfg = BdhsConfig(**given(args, args.config_fields))
     except ValueError as e:
         raise ConfigError(f"mmalign pairs bdhs: {e}") from None
     loaded = load_model(args.model)

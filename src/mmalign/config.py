@@ -7,14 +7,19 @@ class paths, nothing is instantiated from it.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from types import UnionType
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmalign.errors import ConfigError
+from mmalign.losses import LOSSES, LossConfig
 
 
 class Section(BaseModel):
@@ -47,11 +52,11 @@ class TrainConfig(Section):
     ``model``, ``data`` and ``out`` are required (from the command line or the YAML file).
     """
 
-    model: str = ""
-    data: str = ""
-    out: str = ""
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1)
+    model: str = Field("", description="model directory (a local Hugging Face checkpoint)")
+    data: str = Field("", description="data file (JSONL, JSON array, Parquet) or saved HF dataset directory")
+    out: str = Field("", description="run directory")
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, description="examples per step and process")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -65,7 +70,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     on_bad_record: Literal["fail", "skip"] = "fail"
     max_samples: int | None = Field(None, ge=1)
-    resume: bool = False
+    resume: bool = Field(False, description="continue from the last checkpoint in the run directory")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # How the loss is averaged: over all target tokens of the batch, or per sample first (so that a three-token
@@ -89,13 +94,48 @@ class TrainConfig(Section):
     compile: bool = False
     progress: bool = True
 
+    # Whether the recipe writes checkpoints that ``resume`` continues from.
+    resumable: ClassVar[bool] = True
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.resume and not self.resumable:
+            raise ValueError("this recipe writes no checkpoints, so resume has nothing to continue; run it again")
         if self.lora.enabled and not self.freeze.llm:
             raise ValueError("lora.enabled needs freeze.llm=true (LoRA adapts a frozen language model)")
         if self.freeze.vision and self.freeze.projector and self.freeze.llm and not self.lora.enabled:
             raise ValueError("every part is frozen and LoRA is off: nothing would be trained")
         return self
+
+
+class PreferenceConfig(TrainConfig):
+    """Settings every preference recipe shares: the loss and its hyper-parameters.
+
+    The hyper-parameters are ``mmalign.losses.LossConfig``'s, declared there once (defaults, meaning, valid ranges);
+    here they only become configuration keys and command-line flags (``--beta``).
+    """
+
+    loss: str = "dpo"
+    beta: float = LossConfig.beta
+    label_smoothing: float = LossConfig.label_smoothing
+    ipo_tau: float | None = LossConfig.ipo_tau
+    simpo_gamma: float = LossConfig.simpo_gamma
+    rpo_alpha: float = LossConfig.rpo_alpha
+    mdpo_anchor: float = LossConfig.mdpo_anchor
+    mm_w: float = LossConfig.mm_w
+    mm_k: float = LossConfig.mm_k
+
+    @model_validator(mode="after")
+    def _check_loss(self) -> PreferenceConfig:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(sorted(LOSSES))}")
+        self.loss_config()  # LossConfig's own checks; its ValueError becomes a validation error
+        return self
+
+    def loss_config(self) -> LossConfig:
+        """The loss functions' hyper-parameters."""
+        names = [f.name for f in dataclasses.fields(LossConfig) if f.name in type(self).model_fields]
+        return LossConfig(**{name: getattr(self, name) for name in names})
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -206,6 +246,118 @@ def load_config(
         return cls.model_validate(tree)
     except ValidationError as err:
         raise _explain(cls, err, source) from None
+
+
+def _flag_type(annotation: Any) -> tuple[Any, tuple[Any, ...] | None] | None:
+    """(argparse type, choices) of a scalar field's annotation; ``None`` for sections and lists."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return type(args[0]), tuple(args)
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if annotation in (int, float, str, bool):
+        return annotation, None
+    return None
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``name: text`` entries of the ``Attributes:`` section of a class docstring (continuation lines joined)."""
+    docs: dict[str, str] = {}
+    name = None
+    inside = False
+    for line in (cls.__doc__ or "").splitlines():
+        text = line.strip()
+        if text == "Attributes:":
+            inside = True
+        elif inside and not text:
+            name = None
+        elif inside and ":" in text and " " not in text.partition(":")[0]:
+            name, _, rest = text.partition(":")
+            docs[name] = rest.strip()
+        elif inside and name:
+            docs[name] += " " + text
+    return docs
+
+
+def _config_fields(cls: type) -> list[tuple[str, Any, Any, str]]:
+    """(name, annotation, default, description) of a pydantic model's or a dataclass's fields."""
+    if dataclasses.is_dataclass(cls):
+        hints, docs = get_type_hints(cls), _attribute_docs(cls)
+        return [(f.name, hints[f.name], f.default, docs.get(f.name, "")) for f in dataclasses.fields(cls)]
+    return [
+        (name, info.annotation, info.get_default(call_default_factory=True), info.description or "")
+        for name, info in cls.model_fields.items()
+    ]
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> list[str]:
+    """Add one flag per scalar field of ``cls`` (a pydantic model or a dataclass; ``batch_size`` → ``--batch-size``,
+    booleans get ``--x/--no-x``), each with its type, choices, description and default; returns the field names.
+    Sections (``freeze``, ``lora``) and lists are set with ``key=value`` overrides. Flags default to ``None``:
+    "not given", so that a YAML file's value is kept."""
+    names = []
+    for name, annotation, default, description in _config_fields(cls):
+        found = _flag_type(annotation)
+        if found is None or name in skip:
+            continue
+        kind, choices = found
+        shown = f" (default: {default})" if default not in ("", None) else ""
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"{description}{shown}".strip()}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif choices:
+            kwargs.update(type=kind, choices=choices)
+        else:
+            kwargs.update(type=kind, metavar=name.upper())
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+        names.append(name)
+    return names
+
+
+def given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The flags among ``names`` that were given on the command line."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+D = TypeVar("D")
+
+
+def override_dataclass(obj: D, overrides: list[str] | tuple[str, ...], what: str) -> tuple[D, dict[str, Any]]:
+    """A copy of the dataclass ``obj`` with ``key=value`` overrides, parsed as training overrides are (YAML
+    scalars) and checked against the field's type; returns (copy, the changes). ``what`` names the object in errors.
+
+    Raises:
+        ConfigError: not ``key=value``, an unknown key (with the closest one), or a value of the wrong type; or the
+            dataclass's own validation failing.
+    """
+    hints = get_type_hints(type(obj))
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"{what}: override {item!r} is not of the form key=value")
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{what}: unknown key {key!r}{hint}")
+        value = _parse_scalar(text.strip())
+        kind = _flag_type(hints[key])
+        if kind is not None and kind[0] is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        elif kind is not None and kind[0] is str and not isinstance(value, str):
+            value = text.strip()
+        if kind is None or type(value) is not kind[0] or (kind[1] and value not in kind[1]):
+            expected = (
+                f"one of {', '.join(map(str, kind[1]))}" if kind and kind[1] else kind[0].__name__ if kind else "?"
+            )
+            raise ConfigError(f"{what}: {key}={text.strip()!r} is not {expected}")
+        changes[key] = value
+    try:
+        return (dataclasses.replace(obj, **changes) if changes else obj), changes  # type: ignore[type-var]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:

@@ -32,8 +32,9 @@ class PopeSet:
     root: Path
 
 
-def load_pope_sets(data: str | Path, split: str = "all") -> list[PopeSet]:
-    """Find the POPE question sets to run.
+def load_pope_sets(data: str | Path, split: str = "all", image_root: str | Path | None = None) -> list[PopeSet]:
+    """Find the POPE question sets to run: a world directory, or a question file (its images relative to
+    ``image_root``, by default the file's directory; e.g. COCO's ``val2014`` for the official files).
 
     Raises:
         DataError: no question file for the split, or an unknown split.
@@ -49,17 +50,18 @@ def load_pope_sets(data: str | Path, split: str = "all") -> list[PopeSet]:
             sets.append(PopeSet(name, read_pope_questions(f), path))
         return sets
     questions = read_pope_questions(path)
+    root = Path(image_root) if image_root is not None else path.parent
     categories = sorted({q.split for q in questions if q.split})
     if not categories:
         name = split if split != "all" else path.stem
-        return [PopeSet(name, questions, path.parent)]
+        return [PopeSet(name, questions, root)]
     names = categories if split == "all" else wanted
     sets = []
     for name in names:
         chosen = [q for q in questions if q.split == name]
         if not chosen:
             raise DataError(path, None, "category", f"no questions of split {name!r} (found {categories})")
-        sets.append(PopeSet(name, chosen, path.parent))
+        sets.append(PopeSet(name, chosen, root))
     return sets
 
 

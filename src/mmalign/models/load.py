@@ -82,13 +82,17 @@ def load_model(
     return LoadedModel(model=model, processor=processor, family=fam, path=p)
 
 
-def _modules(model: torch.nn.Module, paths: tuple[str, ...]) -> list[torch.nn.Module]:
+def _parts(model: torch.nn.Module, paths: tuple[str, ...]) -> list[list[torch.nn.Parameter]]:
+    """The parameters of each path that exists: a module's, or a bare parameter (LLaVA-NeXT's ``image_newline``)."""
     found = []
     for dotted in paths:
         try:
-            found.append(model.get_submodule(dotted))
+            found.append(list(model.get_submodule(dotted).parameters()))
         except AttributeError:
-            continue
+            try:
+                found.append([model.get_parameter(dotted)])
+            except AttributeError:
+                continue
     return found
 
 
@@ -111,12 +115,12 @@ def apply_freeze(model: torch.nn.Module, fam: Family | None, *, vision: bool, pr
         (projector, fam.projector_modules),
         (llm, fam.language_modules),
     ):
-        mods = _modules(model, paths)
-        if not mods:
+        parts = _parts(model, paths)
+        if not parts:
             raise ModelError(f"family {fam.name}: none of the modules {paths} found in the model")
         if frozen:
-            for mod in mods:
-                for p in mod.parameters():
+            for params in parts:
+                for p in params:
                     p.requires_grad_(False)
 
 

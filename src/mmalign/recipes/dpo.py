@@ -14,7 +14,6 @@ import io
 import logging
 import random
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,12 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from mmalign.config import FreezeConfig, TrainConfig, dump_config
+from mmalign.config import FreezeConfig, PreferenceConfig, dump_config
 from mmalign.data.corruption import random_crop
 from mmalign.data.pair_inputs import EncodedPairs, encode_pairs
 from mmalign.data.preference import load_pairs
 from mmalign.forward import ForwardOptions, PairScorer, pair_logps
-from mmalign.losses import LOSSES, LossConfig, PairLogps, compute_loss, dpo_metrics
+from mmalign.losses import PairLogps, compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import Batches
 from mmalign.runtime.launch import Recipe
@@ -35,24 +34,16 @@ from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
 from mmalign.runtime.refcache import cache_key, cached_reference_logps, default_cache_dir
-from mmalign.runtime.run import finish_run, make_accelerator, maybe_checkpoint, resume_and_log, trainable_model
+from mmalign.runtime.run import finish_run, make_accelerator, resume_and_log, trainable_model
+from mmalign.runtime.step import StepEnd
 from mmalign.types import ImageRef, PreferencePair
 
 log = logging.getLogger(__name__)
 
 
-class DpoConfig(TrainConfig):
-    """Preference optimisation; loss hyper-parameters as in ``mmalign.losses.LossConfig``."""
+class DpoConfig(PreferenceConfig):
+    """Offline preference optimisation; the loss and its hyper-parameters as in ``mmalign.config.PreferenceConfig``."""
 
-    loss: str = "dpo"
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    ipo_tau: float | None = None
-    simpo_gamma: float = 0.5
-    rpo_alpha: float = Field(0.0, ge=0)
-    mdpo_anchor: float = 0.0
-    mm_w: float = Field(1.0, ge=0)
-    mm_k: float = Field(1.0, gt=0)
     lr: float = Field(1e-6, gt=0)
     batch_size: int = Field(8, ge=1)
     # Remove every image from the pairs (the mDPO paper's "unconditional preference" diagnostic).
@@ -65,18 +56,6 @@ class DpoConfig(TrainConfig):
     ref_cache: bool = True
     ref_cache_dir: str | None = None
     freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(vision=True, projector=False, llm=False))
-
-    def loss_config(self) -> LossConfig:
-        return LossConfig(
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            ipo_tau=self.ipo_tau,
-            simpo_gamma=self.simpo_gamma,
-            rpo_alpha=self.rpo_alpha,
-            mdpo_anchor=self.mdpo_anchor,
-            mm_w=self.mm_w,
-            mm_k=self.mm_k,
-        )
 
 
 def _corrupt_images(pair: PreferencePair, rng: random.Random) -> list[ImageRef]:
@@ -195,8 +174,6 @@ def train(cfg: DpoConfig) -> Path:
     """Run preference optimisation; returns the final model directory (``<out>/model``)."""
     from accelerate.utils import set_seed
 
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {sorted(LOSSES)}")
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -225,7 +202,9 @@ def train(cfg: DpoConfig) -> Path:
     bar = progress_bar(
         cfg.steps, desc=f"{cfg.loss} {out.name}", initial=start, enabled=cfg.progress and accelerator.is_main_process
     )
-    t0 = time.perf_counter()
+    end_step = StepEnd(
+        cfg, optimizer, metrics, bar, model=policy, accelerator=accelerator, show=("loss", "rewards/accuracies")
+    )
     for step in range(start, cfg.steps):
         lr = cfg.lr * lr_factor(step, cfg.steps, warmup, cfg.schedule)
         set_lr(optimizer, lr)
@@ -247,21 +226,7 @@ def train(cfg: DpoConfig) -> Path:
             accelerator.backward(result.loss.mean() / cfg.grad_accum)
             for key, value in dpo_metrics(result, logps).items():
                 logged[key] = logged.get(key, 0.0) + value / cfg.grad_accum
-        if accelerator.num_processes > 1:
-            # Every process saw its own slice of the batch; log the mean over all of them.
-            keys = sorted(logged)
-            values = accelerator.reduce(torch.tensor([logged[k] for k in keys], device=accelerator.device), "mean")
-            logged = dict(zip(keys, values.tolist()))
-        if cfg.max_grad_norm:
-            logged["grad_norm"] = float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['rewards/accuracies']:.2f}")
-        done = step + 1
-        if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps):
-            metrics.write(done, {**logged, "lr": lr, "elapsed_s": time.perf_counter() - t0})
-        maybe_checkpoint(accelerator, policy, optimizer, cfg, done)
+        end_step(step, logged, lr)
     bar.close()
     return finish_run(accelerator, policy, optimizer, loaded.processor, cfg, metrics)
 

@@ -23,14 +23,13 @@ import copy
 import logging
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from mmalign.config import FreezeConfig, TrainConfig, dump_config
+from mmalign.config import FreezeConfig, PreferenceConfig, dump_config
 from mmalign.data.loaders import load_samples
 from mmalign.data.pair_inputs import encode_pairs
 from mmalign.data.preference import load_pairs
@@ -40,24 +39,24 @@ from mmalign.generation.bdhs import BdhsConfig, bdhs_pairs
 from mmalign.generation.hf import HFGenerator
 from mmalign.generation.sampling import SamplingParams
 from mmalign.judges import Judge
-from mmalign.losses import LossConfig, compute_loss, dpo_metrics
+from mmalign.losses import compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.launch import Recipe
 from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
-from mmalign.runtime.run import finish_run, make_accelerator, maybe_checkpoint, resume_and_log, trainable_model
+from mmalign.runtime.run import finish_run, make_accelerator, resume_and_log, trainable_model
+from mmalign.runtime.step import StepEnd
 from mmalign.types import PreferencePair, Sample
 
 log = logging.getLogger(__name__)
 
 
-class OnlineDpoConfig(TrainConfig):
+class OnlineDpoConfig(PreferenceConfig):
     """Online / hybrid DPO; defaults from TRL's OnlineDPOConfig and the Apple study where they exist."""
 
     loss: Literal["dpo", "ipo"] = "dpo"
-    beta: float = Field(0.1, gt=0)
     lr: float = Field(5e-7, gt=0)
     batch_size: int = Field(8, ge=1)
     samples_per_prompt: int = Field(2, ge=2)
@@ -74,11 +73,7 @@ class OnlineDpoConfig(TrainConfig):
     offline_data: str | None = None
     mix_p: float = Field(0.0, ge=0, le=1)
     gamma: float | None = Field(None, ge=0, le=1)
-    rpo_alpha: float = Field(0.0, ge=0)
     freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(vision=True, projector=False, llm=False))
-
-    def loss_config(self) -> LossConfig:
-        return LossConfig(beta=self.beta, rpo_alpha=self.rpo_alpha)
 
 
 def make_judge(cfg: OnlineDpoConfig) -> Judge:
@@ -222,7 +217,7 @@ def train(cfg: OnlineDpoConfig) -> Path:
     bar = progress_bar(
         cfg.steps, desc=f"online {out.name}", initial=start, enabled=cfg.progress and accelerator.is_main_process
     )
-    t0 = time.perf_counter()
+    end_step = StepEnd(cfg, optimizer, metrics, bar, model=policy, accelerator=accelerator)
     for step in range(start, cfg.steps):
         lr = cfg.lr * lr_factor(step, cfg.steps, warmup, cfg.schedule)
         set_lr(optimizer, lr)
@@ -252,20 +247,7 @@ def train(cfg: OnlineDpoConfig) -> Path:
                 step_stats["objective/rlhf_reward"] = stats["objective/scores"] - cfg.beta * kl
             for key, value in step_stats.items():
                 logged[key] = logged.get(key, 0.0) + value / cfg.grad_accum
-        if accelerator.num_processes > 1:
-            keys = sorted(logged)
-            values = accelerator.reduce(torch.tensor([logged[k] for k in keys], device=accelerator.device), "mean")
-            logged = dict(zip(keys, values.tolist()))
-        if cfg.max_grad_norm:
-            logged["grad_norm"] = float(accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        bar.set_postfix(loss=f"{logged['loss']:.3f}")
-        done = step + 1
-        if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps):
-            metrics.write(done, {**logged, "lr": lr, "elapsed_s": time.perf_counter() - t0})
-        maybe_checkpoint(accelerator, policy, optimizer, cfg, done)
+        end_step(step, logged, lr)
     bar.close()
     return finish_run(accelerator, policy, optimizer, loaded.processor, cfg, metrics)
 

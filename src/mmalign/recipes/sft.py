@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +28,8 @@ from mmalign.runtime.launch import Recipe
 from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
-from mmalign.runtime.run import finish_run, make_accelerator, maybe_checkpoint, resume_and_log, trainable_model
+from mmalign.runtime.run import finish_run, make_accelerator, resume_and_log, trainable_model
+from mmalign.runtime.step import StepEnd
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ def train(cfg: TrainConfig) -> Path:
     def encode_step(step: int) -> list[dict[str, torch.Tensor]]:
         return [encode_micro(m) for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
 
-    t0, tokens_seen, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+    tokens_seen = 0
+    end_step = StepEnd(cfg, optimizer, metrics, bar, model=model, accelerator=accelerator, show=())
     for step in range(start, cfg.steps):
         micro_batches = encode_step(step)
         lr = cfg.lr * lr_factor(step, cfg.steps, warmup, cfg.schedule)
@@ -163,28 +164,10 @@ def train(cfg: TrainConfig) -> Path:
                 # DDP averages gradients over processes; scale so the result is the global mean.
                 accelerator.backward(numerator * accelerator.num_processes / max(1, n_total))
             step_loss += nll_sum
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         loss_value = step_loss / max(1, n_tokens)
-        window_loss, window_n = window_loss + loss_value, window_n + 1
-        elapsed = time.perf_counter() - t0
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
-        done = step + 1
-        if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps):
-            metrics.write(
-                done,
-                {
-                    "loss": window_loss / window_n,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                    "elapsed_s": elapsed,
-                },
-            )
-            window_loss, window_n = 0.0, 0
-        maybe_checkpoint(accelerator, model, optimizer, cfg, done)
+        tokens_per_s = tokens_seen / max(end_step.elapsed(), 1e-9)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+        end_step(step, {"loss": loss_value, "tokens_per_s": tokens_per_s}, lr)
     bar.close()
     return finish_run(accelerator, model, optimizer, loaded.processor, cfg, metrics)
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,7 @@ from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.metrics import MetricsLog
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
+from mmalign.runtime.step import StepEnd
 from mmalign.types import Sample
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 class ContrastiveConfig(TrainConfig):
     """Vision warm-up: batch size matters (more negatives per step)."""
+
+    resumable: ClassVar[bool] = False
 
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
@@ -144,7 +146,8 @@ def train(cfg: ContrastiveConfig) -> Path:
     metrics = MetricsLog(out / "metrics.jsonl", tensorboard_dir=out / "tb")
     warmup = int(cfg.warmup_ratio * cfg.steps)
     bar = progress_bar(cfg.steps, desc=f"contrastive {out.name}", enabled=cfg.progress)
-    t0 = time.perf_counter()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    end_step = StepEnd(cfg, optimizer, metrics, bar, params=params, show=("loss", "retrieval_acc"))
     for step in range(cfg.steps):
         lr = cfg.lr * lr_factor(step, cfg.steps, warmup, cfg.schedule)
         set_lr(optimizer, lr)
@@ -155,18 +158,9 @@ def train(cfg: ContrastiveConfig) -> Path:
         txt_emb = F.normalize(heads.text_proj(txt_out), dim=-1)
         loss = clip_loss(img, txt_emb, heads.logit_scale.clamp(max=4.6052))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             acc = (img @ txt_emb.t()).argmax(-1).eq(torch.arange(len(idx))).float().mean().item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            metrics.write(
-                step + 1,
-                {"loss": loss.item(), "retrieval_acc": acc, "lr": lr, "elapsed_s": time.perf_counter() - t0},
-            )
+        end_step(step, {"loss": loss.item(), "retrieval_acc": acc}, lr)
     bar.close()
     metrics.close()
     for p in vlm.parameters():

@@ -18,10 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.metrics import MetricsLog
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
+from mmalign.runtime.step import StepEnd
 from mmalign.types import ImageRef
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ ATTRIBUTES = ("shape", "colour", "size")
 
 class VisionConfig(TrainConfig):
     """Tower pretraining: every tower parameter trains; the rest of the VLM is untouched."""
+
+    resumable: ClassVar[bool] = False
 
     steps: int = Field(200, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -136,21 +138,14 @@ def train(cfg: VisionConfig) -> Path:
     warmup = int(cfg.warmup_ratio * cfg.steps)
     tower.train()
     bar = progress_bar(cfg.steps, desc=f"vision {out.name}", enabled=cfg.progress)
-    t0 = time.perf_counter()
+    end_step = StepEnd(cfg, optimizer, metrics, bar, params=modules.parameters())
     for step in range(cfg.steps):
         lr = cfg.lr * lr_factor(step, cfg.steps, warmup, cfg.schedule)
         set_lr(optimizer, lr)
         idx = torch.as_tensor(batch_indices(len(train_scenes), cfg.batch_size, step, cfg.seed))
         loss = dense_loss(heads(select(tower, images[idx])), labels[idx], cells)
         loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(modules.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            metrics.write(step + 1, {"loss": loss.item(), "lr": lr, "elapsed_s": time.perf_counter() - t0})
+        end_step(step, {"loss": loss.item()}, lr)
     bar.close()
     tower.eval()
     for p in tower.parameters():

@@ -10,14 +10,18 @@ from mmalign.errors import ConfigError
 
 
 def add_world(sub: Any) -> None:
-    p = sub.add_parser("world", help="write the synthetic scene world (images, captions, SFT, POPE, CHAIR)")
+    from mmalign.config import add_config_flags
+    from mmalign.lab.world.config import WorldConfig
+
+    p = sub.add_parser(
+        "world",
+        help="write the synthetic scene world (images, captions, SFT, POPE, CHAIR)",
+        description="Every scalar WorldConfig knob is a flag (docs/world.md); the same flags give the same bytes.",
+    )
     p.add_argument("--out", help="output directory")
-    p.add_argument("--train", type=int, default=2000, help="training scenes")
-    p.add_argument("--eval", type=int, default=200, help="held-out evaluation scenes")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--pair-prob", type=float, default=0.9, help="co-occurrence probability of planted pairs")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_world)
+    p.add_argument("--train", type=int, help="training scenes (default: 2000)")
+    p.add_argument("--eval", type=int, help="held-out evaluation scenes (default: 200)")
+    p.set_defaults(func=cmd_world, config_fields=add_config_flags(p, WorldConfig, skip=("n_train", "n_eval")))
     wsub = p.add_subparsers(dest="world_command")
     pairs = wsub.add_parser("pairs", help="oracle preference pairs from a world (ground truth vs inserted errors)")
     pairs.add_argument("--world", required=True, help="world directory written by `mmalign world`")
@@ -49,18 +53,18 @@ def cmd_world_pairs(args: argparse.Namespace) -> int:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
-    from mmalign.lab.world import make_world
+    from mmalign.config import given
+    from mmalign.lab.world import write_world
+    from mmalign.lab.world.config import WorldConfig
 
     if not args.out:
         raise ConfigError("mmalign world: --out is required")
-    summary = make_world(
-        args.out,
-        n_train=args.train,
-        n_eval=args.eval,
-        seed=args.seed,
-        image_size=args.image_size,
-        pair_prob=args.pair_prob,
-    )
+    counts = {"n_train": args.train, "n_eval": args.eval}
+    try:
+        cfg = WorldConfig(**given(args, args.config_fields), **{k: v for k, v in counts.items() if v is not None})
+    except ValueError as exc:
+        raise ConfigError(f"mmalign world: {exc}") from None
+    summary = write_world(cfg, args.out)
     print(
         f"wrote world to {summary.root}: {summary.n_train} train / {summary.n_eval} eval scenes, "
         f"{summary.n_sft} SFT rows, POPE {summary.n_pope}"

@@ -4,8 +4,8 @@ Everything that differs between VLM families lives here: which transformers clas
 placeholder token, the module names of the vision tower, the projector and the language model (for freezing and
 LoRA targets), the decoder's position rule (for the shared-prompt pair forward and the sampler), whether SFT rows can
 be packed, how to build the processor where transformers' own needs a missing package, a direct input encoder, how a
-flat image-feature tensor splits per image, and how to build a small random-init model of the family offline. The
-rest of the toolkit is architecture-agnostic and asks this module.
+flat image-feature tensor splits per image, and which builder makes a small random-init model of the family
+(``models/tiny_builders.py``). The rest of the toolkit is architecture-agnostic and asks this module.
 """
 
 from __future__ import annotations
@@ -23,31 +23,6 @@ from mmalign.models.processor import AnyresTokenProcessor, ImageTokenProcessor
 
 # How the decoder numbers positions: "1d" rotary positions (a plain causal LM), or Qwen2-VL's 3-D "mrope".
 Rope = Literal["1d", "mrope"]
-
-# Chat templates for the tiny models. They follow the shape of each family's real template, without newlines
-# so that the word-level tokenizer needs no whitespace tokens.
-LLAVA_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'user' %}<|user|>{% elif m['role'] == 'assistant' %}<|assistant|>"
-    "{% else %}<|system|>{% endif %}"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-QWEN2VL_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-)
-IDEFICS3_TEMPLATE = (
-    "<|begin_of_text|>{% for m in messages %}{{ m['role'] | capitalize }}: "
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<end_of_utterance>{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
 
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -179,152 +154,6 @@ def _merged_grid_sizes(model: Any, batch: dict[str, torch.Tensor]) -> list[int]:
     return (batch["image_grid_thw"].prod(-1) // merge).tolist()
 
 
-def _llama_text(tok: Any, size: TinySize) -> dict[str, Any]:
-    return {
-        "model_type": "llama",
-        "vocab_size": len(tok),
-        "hidden_size": size.text_hidden,
-        "intermediate_size": size.text_intermediate,
-        "num_hidden_layers": size.text_layers,
-        "num_attention_heads": size.text_heads,
-        "num_key_value_heads": size.text_heads,
-        "max_position_embeddings": size.max_positions,
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "tie_word_embeddings": size.tie_embeddings,
-    }
-
-
-def _build_llava(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    vision = CLIPVisionConfig(
-        hidden_size=size.vision_hidden,
-        intermediate_size=size.vision_hidden * 4,
-        num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.vision_heads,
-        image_size=size.image_size,
-        patch_size=size.patch_size,
-        projection_dim=size.vision_hidden,
-    )
-    n_patches = (size.image_size // size.patch_size) ** 2
-    text = LlamaConfig(**{k: v for k, v in _llama_text(tok, size).items() if k != "model_type"})
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=n_patches,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        tie_word_embeddings=size.tie_embeddings,
-    )
-    model = LlavaForConditionalGeneration(config)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size.image_size},
-        crop_size={"height": size.image_size, "width": size.image_size},
-        do_center_crop=True,
-        do_resize=True,
-    )
-    # The CLIP tower emits a CLS token beside the patches; the "default" strategy drops it, and the processor
-    # must count it (num_additional_image_tokens=1) for image tokens and features to agree.
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=size.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tok.chat_template,
-    )
-    return model, processor
-
-
-def _build_qwen2vl(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    head_dim = size.text_hidden // size.text_heads
-    # M-RoPE splits the rotary half-dimension into temporal / height / width sections.
-    half = head_dim // 2
-    sections = [half - 2 * (half // 3), half // 3, half // 3]
-    text = _llama_text(tok, size)
-    text.pop("model_type")
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}
-    vision = {
-        "depth": size.vision_layers,
-        "embed_dim": size.vision_hidden,
-        "hidden_size": size.text_hidden,
-        "num_heads": size.vision_heads,
-        "patch_size": size.patch_size,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    }
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
-        tie_word_embeddings=size.tie_embeddings,
-    )
-    model = Qwen2VLForConditionalGeneration(config)
-    pixels = size.image_size * size.image_size
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=pixels,
-        max_pixels=pixels,
-        patch_size=size.patch_size,
-        merge_size=2,
-        temporal_patch_size=2,
-    )
-    try:
-        processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
-    except (TypeError, AttributeError, ImportError):
-        # transformers wants a video processor, which needs torchvision; use the image-only equivalent.
-        processor = ImageTokenProcessor(tok, image_processor, "<|image_pad|>")
-    return model, processor
-
-
-def _build_idefics3(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-    vision = {
-        "hidden_size": size.vision_hidden,
-        "intermediate_size": size.vision_hidden * 4,
-        "num_hidden_layers": size.vision_layers,
-        "num_attention_heads": size.vision_heads,
-        "image_size": size.image_size,
-        "patch_size": size.patch_size,
-    }
-    scale = 2
-    config = Idefics3Config(
-        text_config=_llama_text(tok, size),
-        vision_config=vision,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        scale_factor=scale,
-        tie_word_embeddings=size.tie_embeddings,
-    )
-    model = Idefics3ForConditionalGeneration(config)
-    image_processor = Idefics3ImageProcessorPil(
-        do_image_splitting=False,
-        size={"longest_edge": size.image_size},
-        max_image_size={"longest_edge": size.image_size},
-    )
-    seq_len = (size.image_size // size.patch_size) ** 2 // (scale * scale)
-    processor = Idefics3Processor(
-        image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len, chat_template=tok.chat_template
-    )
-    return model, processor
-
-
 FAMILIES: dict[str, Family] = {
     "llava": Family(
         name="llava",
@@ -343,8 +172,8 @@ FAMILIES: dict[str, Family] = {
             "<|system|>",
         ),
         bos_token="<s>",
-        chat_template=LLAVA_TEMPLATE,
-        build_tiny=_build_llava,
+        chat_template=tiny.LLAVA_TEMPLATE,
+        build_tiny=tiny.build_llava,
         rope="1d",
         packable=True,
         processor_class="LlavaProcessor",
@@ -360,8 +189,8 @@ FAMILIES: dict[str, Family] = {
         special_tokens=QWEN_SPECIAL_TOKENS,
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
-        chat_template=QWEN2VL_TEMPLATE,
-        build_tiny=_build_qwen2vl,
+        chat_template=tiny.QWEN2VL_TEMPLATE,
+        build_tiny=tiny.build_qwen2vl,
         patches_per_side=6,
         rope="mrope",
         processor_fallback=_qwen2vl_processor,
@@ -385,8 +214,8 @@ FAMILIES: dict[str, Family] = {
         pad_token="<|endoftext|>",
         eos_token="<end_of_utterance>",
         bos_token="<|begin_of_text|>",
-        chat_template=IDEFICS3_TEMPLATE,
-        build_tiny=_build_idefics3,
+        chat_template=tiny.IDEFICS3_TEMPLATE,
+        build_tiny=tiny.build_idefics3,
         patches_per_side=6,
         rope="1d",
     ),
@@ -400,7 +229,7 @@ FAMILIES: dict[str, Family] = {
         special_tokens=QWEN_SPECIAL_TOKENS,
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
-        chat_template=QWEN2VL_TEMPLATE,
+        chat_template=tiny.QWEN2VL_TEMPLATE,
         build_tiny=tiny.build_qwen25vl,
         patches_per_side=6,
         rope="mrope",

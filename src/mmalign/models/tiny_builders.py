@@ -1,4 +1,4 @@
-"""Tiny-model builders of four more VLM families: SmolVLM, Qwen2.5-VL, LLaVA-NeXT, LLaVA-OneVision.
+"""Builders of small random-init models of every registered VLM family, offline.
 
 Each builder has the signature of ``Family.build_tiny`` (tokenizer, ``TinySize``) → (model, processor) and builds a
 small random-init model of the real transformers architecture offline; ``families.py`` registers them with the rest
@@ -27,6 +27,29 @@ if TYPE_CHECKING:
 
 # Chat templates: the shape of each family's real template, without newlines (the word-level tokenizer has no
 # whitespace tokens). Every literal marker is a special token, so no template word needs to be in the vocabulary.
+LLAVA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{% elif m['role'] == 'assistant' %}<|assistant|>"
+    "{% else %}<|system|>{% endif %}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+QWEN2VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+IDEFICS3_TEMPLATE = (
+    "<|begin_of_text|>{% for m in messages %}{{ m['role'] | capitalize }}: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
 SMOLVLM_TEMPLATE = (
     "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}: "
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
@@ -64,6 +87,143 @@ def _text_config(tok: Any, size: TinySize) -> dict[str, Any]:
         "eos_token_id": tok.eos_token_id,
         "tie_word_embeddings": size.tie_embeddings,
     }
+
+
+def _clip_vision(size: TinySize) -> Any:
+    """The CLIP vision tower of the LLaVA and LLaVA-NeXT builders."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=size.vision_hidden,
+        intermediate_size=size.vision_hidden * 4,
+        num_hidden_layers=size.vision_layers,
+        num_attention_heads=size.vision_heads,
+        image_size=size.image_size,
+        patch_size=size.patch_size,
+        projection_dim=size.vision_hidden,
+    )
+
+
+def _clip_processor_args(tok: Any, size: TinySize) -> dict[str, Any]:
+    """Processor arguments of a CLIP tower: it emits a CLS token beside the patches, the "default" strategy drops
+    it, and the processor must count it (``num_additional_image_tokens=1``) for image tokens and features to agree."""
+    return {
+        "tokenizer": tok,
+        "patch_size": size.patch_size,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+        "chat_template": tok.chat_template,
+    }
+
+
+def build_llava(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
+    from transformers import (
+        CLIPImageProcessor,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    vision = _clip_vision(size)
+    n_patches = (size.image_size // size.patch_size) ** 2
+    text = LlamaConfig(**_text_config(tok, size))
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=n_patches,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=size.tie_embeddings,
+    )
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size.image_size},
+        crop_size={"height": size.image_size, "width": size.image_size},
+        do_center_crop=True,
+        do_resize=True,
+    )
+    processor = LlavaProcessor(image_processor=image_processor, **_clip_processor_args(tok, size))
+    return model, processor
+
+
+def build_qwen2vl(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    head_dim = size.text_hidden // size.text_heads
+    # M-RoPE splits the rotary half-dimension into temporal / height / width sections.
+    half = head_dim // 2
+    sections = [half - 2 * (half // 3), half // 3, half // 3]
+    text = _text_config(tok, size)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}
+    vision = {
+        "depth": size.vision_layers,
+        "embed_dim": size.vision_hidden,
+        "hidden_size": size.text_hidden,
+        "num_heads": size.vision_heads,
+        "patch_size": size.patch_size,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=size.tie_embeddings,
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    pixels = size.image_size * size.image_size
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=pixels,
+        max_pixels=pixels,
+        patch_size=size.patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    try:
+        processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
+    except (TypeError, AttributeError, ImportError):
+        # transformers wants a video processor, which needs torchvision; use the image-only equivalent.
+        processor = ImageTokenProcessor(tok, image_processor, "<|image_pad|>")
+    return model, processor
+
+
+def build_idefics3(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    vision = {
+        "hidden_size": size.vision_hidden,
+        "intermediate_size": size.vision_hidden * 4,
+        "num_hidden_layers": size.vision_layers,
+        "num_attention_heads": size.vision_heads,
+        "image_size": size.image_size,
+        "patch_size": size.patch_size,
+    }
+    scale = 2
+    config = Idefics3Config(
+        text_config={"model_type": "llama", **_text_config(tok, size)},
+        vision_config=vision,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=scale,
+        tie_word_embeddings=size.tie_embeddings,
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": size.image_size},
+        max_image_size={"longest_edge": size.image_size},
+    )
+    seq_len = (size.image_size // size.patch_size) ** 2 // (scale * scale)
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len, chat_template=tok.chat_template
+    )
+    return model, processor
 
 
 def build_smolvlm(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
@@ -204,7 +364,6 @@ def build_llava_next(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
     grid tile) with ``image_sizes`` [B, 2] (original height, width).
     """
     from transformers import (
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -212,15 +371,7 @@ def build_llava_next(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
     )
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    vision = CLIPVisionConfig(
-        hidden_size=size.vision_hidden,
-        intermediate_size=size.vision_hidden * 4,
-        num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.vision_heads,
-        image_size=size.image_size,
-        patch_size=size.patch_size,
-        projection_dim=size.vision_hidden,
-    )
+    vision = _clip_vision(size)
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=LlamaConfig(**_text_config(tok, size)),
@@ -239,15 +390,7 @@ def build_llava_next(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
         crop_size={"height": size.image_size, "width": size.image_size},
         do_center_crop=True,
     )
-    # CLIP adds a CLS token that the "default" strategy drops: the processor counts it, then takes it off.
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=size.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tok.chat_template,
-    )
+    processor = LlavaNextProcessor(image_processor=image_processor, **_clip_processor_args(tok, size))
     return model, processor
 
 

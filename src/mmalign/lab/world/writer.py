@@ -190,7 +190,7 @@ def make_world(
     pair_prob: float = 0.9,
     progress: bool = True,
 ) -> WorldSummary:
-    """CLI entry point: write a default world with the commonly changed fields overridden."""
+    """Write a default world with the commonly changed fields overridden (tests, the tiny model's vocabulary)."""
     cfg = replace(WorldConfig(), n_train=n_train, n_eval=n_eval, seed=seed, image_size=image_size, pair_prob=pair_prob)
     return write_world(cfg, out, progress=progress)
 

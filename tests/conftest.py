@@ -10,11 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# A smaller model than the demo's keeps the tests fast; the architecture is the same.
-TEST_SIZE = (
-    '{"patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "text_hidden": 64, "text_layers": 2, '
-    '"text_intermediate": 128}'
-)
+# A smaller model than the demo's keeps the tests fast; the architecture is the same (``TinySize`` fields).
+TEST_SIZE = {"patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "text_hidden": 64, "text_layers": 2,
+             "text_intermediate": 128}  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,14 +31,11 @@ def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def build_model(family: str, world: Path, out: Path) -> Path:
-    import json
-    from dataclasses import replace
-
     from mmalign.data.corpus import corpus_texts
     from mmalign.models.build import build_tiny, save_model
     from mmalign.models.families import TinySize
 
-    size = replace(TinySize(), **json.loads(TEST_SIZE))
+    size = TinySize(**TEST_SIZE)
     model, processor = build_tiny(family, corpus_texts([world]), size=size, seed=0)
     return save_model(model, processor, out)
 

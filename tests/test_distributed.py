@@ -15,13 +15,6 @@ from safetensors.torch import load_file
 
 from mmalign.lab.world.pairs import write_world_pairs
 
-SCRIPT = """
-import sys
-from mmalign.config import load_config
-from mmalign.recipes import dpo
-dpo.train(load_config(dpo.DpoConfig, overrides=sys.argv[1:]))
-"""
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -30,15 +23,14 @@ def _free_port() -> int:
 
 
 def _train(tmp_path: Path, args: list[str], processes: int) -> None:
-    script = tmp_path / "run_dpo.py"
-    script.write_text(SCRIPT)
+    """``python -m mmalign.recipes.dpo key=value ...``: the recipe's own entry point, alone or under torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if processes == 1:
-        cmd = [sys.executable, str(script), *args]
+        cmd = [sys.executable, "-m", "mmalign.recipes.dpo", *args]
     else:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-            f"--master_port={_free_port()}", str(script), *args,
+            f"--master_port={_free_port()}", "-m", "mmalign.recipes.dpo", *args,
         ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -62,7 +62,7 @@ def test_unknown_loss_is_a_clear_error(llava_dir: Path, pairs_file: Path, tmp_pa
     from mmalign.errors import ConfigError
 
     # A configuration error (one line on the command line, exit 2), found before anything is loaded.
-    with pytest.raises(ConfigError, match="unknown loss 'dop'; choose one of cdpo, dpo"):
+    with pytest.raises(ConfigError, match="loss: Input should be 'cdpo', 'dpo', 'dpo_norm'"):
         _run(llava_dir, pairs_file, tmp_path / "bad", "loss=dop")
     assert not (tmp_path / "bad").exists()
 

@@ -11,10 +11,11 @@ import torch
 from conftest import build_model
 from mmalign.data.pair_inputs import encode_pairs
 from mmalign.forward import ForwardOptions, PairScorer, unsupported_reason
+from mmalign.models.families import FAMILIES as FAMILY_REGISTRY
 from mmalign.models.load import load_model
 from mmalign.types import ImageRef, Message, PreferencePair
 
-FAMILIES = ("llava", "qwen2-vl", "idefics3", "smolvlm", "qwen2.5-vl", "llava-next", "llava-onevision")
+FAMILIES = sorted(FAMILY_REGISTRY)
 
 
 def _pairs(world: Path) -> list[PreferencePair]:

@@ -11,10 +11,11 @@ from conftest import build_model
 from mmalign.config import load_config
 from mmalign.data.collate import IGNORE_INDEX, encode_sft
 from mmalign.data.loaders import load_samples
+from mmalign.models.families import FAMILIES as FAMILY_REGISTRY
 from mmalign.models.load import apply_freeze, apply_lora, count_parameters, load_model
 from mmalign.recipes.sft import SftConfig, train
 
-FAMILIES = ["llava", "qwen2-vl", "idefics3", "smolvlm", "qwen2.5-vl", "llava-next", "llava-onevision"]
+FAMILIES = sorted(FAMILY_REGISTRY)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

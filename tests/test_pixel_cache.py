@@ -33,7 +33,7 @@ def test_cached_encoding_equals_uncached(
     cache = cached.image_processor
     if family == "llava":  # one fixed-shape tensor per image: cached
         images = {s.images[0].path for s in samples[:16]}
-        # The first batch is encoded twice (``data/llava_inputs.py`` checks its direct encoding once per processor).
+        # The first batch is encoded twice (``models/fast_inputs.py`` checks its direct encoding once per processor).
         assert cache.misses == len(images) and cache.hits == 32 + 8 - len(images)
     else:  # patch lists or tiles: called as before, nothing cached
         assert cache.hits == 0 and len(cache._items) == 0

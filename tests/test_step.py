@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from mmalign.config import TrainConfig
@@ -52,3 +53,47 @@ def test_step_end_without_clipping_leaves_the_gradient_whole(tmp_path: Path) -> 
     weight.grad = torch.tensor([10.0])
     assert "grad_norm" not in end(0, {"loss": 1.0}, lr=1.0)
     assert weight.item() == -10.0
+
+
+class _TwoProcesses:
+    """An accelerator stand-in for two processes: this one and a peer whose values are given."""
+
+    num_processes, device = 2, "cpu"
+
+    def __init__(self, peer: dict[str, float]) -> None:
+        self.peer = peer
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "sum"
+        keys = self.keys
+        other = torch.tensor([[self.peer.get(k, 0.0) for k in keys], [float(k in self.peer) for k in keys]])
+        return tensor + other
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def test_values_some_processes_did_not_measure_are_the_mean_of_those_that_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Online DPO's judge scores exist only where a micro-step sampled: never averaged with absent zeros."""
+    import accelerate.utils
+
+    peer = {"loss": 3.0, "objective/scores": 0.5}
+    acc = _TwoProcesses(peer)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: [*objs, sorted(peer)])
+    acc.keys = sorted({"loss", "objective/scores"})
+    weight = torch.nn.Parameter(torch.tensor([0.0]))
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    end = StepEnd(TrainConfig(steps=2, log_every=2, max_grad_norm=0.0), torch.optim.SGD([weight], lr=1.0), metrics,
+                  _Bar(), params=[weight], accelerator=acc)  # fmt: skip
+    weight.grad = torch.tensor([1.0])
+    assert end(0, {"loss": 1.0}, lr=1.0) == {"loss": 2.0, "objective/scores": 0.5}
+    peer.pop("objective/scores")
+    acc.keys = ["loss"]
+    weight.grad = torch.tensor([1.0])
+    assert end(1, {"loss": 5.0}, lr=1.0) == {"loss": 4.0}
+    metrics.close()
+    (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # loss: mean of the two steps (2, 4); the score: its one step, not halved by the step without it.
+    assert line["loss"] == 3.0 and line["objective/scores"] == 0.5

@@ -99,14 +99,12 @@ def test_bad_scene_row_names_file_row_and_field(tmp_path: Path) -> None:
 def test_projector_ends_the_same_whether_or_not_init_calibrated(world_dir: Path, tmp_path: Path) -> None:
     """The stage draws the projector's first layer afresh before standardising it, so calibration at `model init`
     does not compound with its own."""
-    from dataclasses import replace
-
     from conftest import TEST_SIZE
     from mmalign.data.corpus import corpus_images, corpus_texts
     from mmalign.models.build import build_tiny, save_model
     from mmalign.models.families import TinySize
 
-    size = replace(TinySize(), **json.loads(TEST_SIZE))
+    size = TinySize(**TEST_SIZE)
     finals = []
     # Explicit files: other tests add deliberately broken data files to the shared world directory.
     texts = corpus_texts([world_dir / "captions.jsonl", world_dir / "sft.jsonl"])

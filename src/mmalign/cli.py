@@ -1,8 +1,8 @@
 """``mmalign <command>``: the command-line interface.
 
-Every training recipe takes the same common flags (``--model --data --out --steps --batch-size --seed --config``)
-plus ``key=value`` overrides; flags and overrides win over the YAML file. Errors in the user's input (data, config,
-model directory) end with a one-line message and exit status 2, never a traceback.
+Every training recipe's flags are generated from its typed configuration (``mmalign.config.add_config_flags``), with
+``--config FILE.yaml`` and ``key=value`` overrides; flags and overrides win over the YAML file. Errors in the user's
+input (data, config, model directory) end with a one-line message and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +22,13 @@ from mmalign.runtime.launch import LaunchError
 log = logging.getLogger("mmalign")
 
 
-def _add_model(sub: Any) -> None:
+def _add_model(p: argparse.ArgumentParser) -> None:
     from mmalign.config import add_config_flags
-    from mmalign.models.families import FAMILIES, TinySize
+    from mmalign.models.families import DEFAULT_FAMILY, FAMILIES, TinySize
 
-    p = sub.add_parser("model", help="model utilities")
     msub = p.add_subparsers(dest="model_command", required=True)
     init = msub.add_parser("init", help="build a small random-init model of a real VLM architecture")
-    init.add_argument("--family", default="llava", choices=sorted(FAMILIES), help="the architecture")
+    init.add_argument("--family", default=DEFAULT_FAMILY, choices=sorted(FAMILIES), help="the architecture")
     init.add_argument("--out", required=True)
     init.add_argument("--image-size", type=int, default=48, help="model input size (images are resized to it)")
     init.add_argument(
@@ -75,11 +74,10 @@ def cmd_model_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train(sub: Any) -> None:
+def _add_train(p: argparse.ArgumentParser) -> None:
     from mmalign.config import add_config_flags
     from mmalign.lab.recipes import recipes
 
-    p = sub.add_parser("train", help="training recipes")
     tsub = p.add_subparsers(dest="recipe", required=True)
     for name, found in recipes().items():
         r = tsub.add_parser(name, help=found.help, description=f"{found.help}. Flags and key=value overrides win "
@@ -103,8 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval(sub: Any) -> None:
-    p = sub.add_parser("eval", help="hallucination benchmarks")
+def _add_eval(p: argparse.ArgumentParser) -> None:
     esub = p.add_subparsers(dest="eval_command", required=True)
     pope = esub.add_parser("pope", help="POPE: yes/no object existence questions")
     pope.add_argument("--model", required=True)
@@ -220,11 +217,10 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_pairs(sub: Any) -> None:
+def _add_pairs(p: argparse.ArgumentParser) -> None:
     from mmalign.config import add_config_flags
     from mmalign.generation.bdhs import BdhsConfig
 
-    p = sub.add_parser("pairs", help="build preference pairs without annotators")
     psub = p.add_subparsers(dest="pairs_command", required=True)
     b = psub.add_parser("bdhs", help="BDHS: rejected replies written by the model with the image hidden")
     b.add_argument("--model", required=True, help="local checkpoint directory (the policy, e.g. after SFT)")
@@ -268,20 +264,36 @@ def cmd_pairs_bdhs(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Command → (help, the function that adds its arguments). Only the command being run gets its arguments, so that
+# ``mmalign eval score-pope`` does not import every recipe (and torch) to build the ``train`` flags.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "world": ("write the synthetic scene world (images, captions, SFT, POPE, CHAIR)", lab_cli.add_world),
+    "model": ("model utilities", _add_model),
+    "train": ("training recipes", _add_train),
+    "eval": ("hallucination benchmarks", _add_eval),
+    "pairs": ("build preference pairs without annotators", _add_pairs),
+    "demo": ("the main job: world → pretrain → SFT → POPE/CHAIR → report", lab_cli.add_demo),
+    "study": ("the alignment study's grid on the world (BDHS, online, mixed, mDPO vs oracle)", lab_cli.add_study),
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv`` (default: ``sys.argv[1:]``): every command listed, the one asked for complete."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    wanted = next((w for w in words if not w.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="mmalign", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    lab_cli.add_world(sub)
-    for add in (_add_model, _add_train, _add_eval, _add_pairs):
-        add(sub)
-    lab_cli.add_demo(sub)
-    lab_cli.add_study(sub)
+    for name, (text, add) in COMMANDS.items():
+        command = sub.add_parser(name, help=text, description=text)
+        if name == wanted:
+            add(command)
     return parser
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    words = list(argv) if argv is not None else sys.argv[1:]
+    args = build_parser(words).parse_args(words)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -108,6 +108,44 @@ class TrainConfig(Section):
         return self
 
 
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``name: text`` entries of the ``Attributes:`` section of a class docstring, continuation lines joined. An
+    entry starts at the section's indentation with an identifier and a colon; deeper lines continue it."""
+    docs: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Attributes:"), None)
+    if start is None:
+        return docs
+    indent, name = None, None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        depth = len(line) - len(line.lstrip())
+        head, sep, rest = line.strip().partition(":")
+        indent = depth if indent is None else indent
+        if depth < indent:
+            break
+        if depth == indent:
+            name = head if sep and head.isidentifier() else None
+            if name:
+                docs[name] = rest.strip()
+        elif name:
+            docs[name] += " " + line.strip()
+    return docs
+
+
+_LOSS_DOCS = _attribute_docs(LossConfig)
+
+
+def _loss_field(name: str) -> Any:
+    """A configuration field of the loss hyper-parameter ``name``: ``LossConfig``'s default and meaning."""
+    return Field(getattr(LossConfig, name), description=_LOSS_DOCS.get(name))
+
+
+# The loss names, as the type of ``PreferenceConfig.loss`` (a value outside them is a validation error).
+LossName = Literal[tuple(sorted(LOSSES))]  # type: ignore[valid-type]
+
+
 class PreferenceConfig(TrainConfig):
     """Settings every preference recipe shares: the loss and its hyper-parameters.
 
@@ -115,20 +153,18 @@ class PreferenceConfig(TrainConfig):
     here they only become configuration keys and command-line flags (``--beta``).
     """
 
-    loss: str = "dpo"
-    beta: float = LossConfig.beta
-    label_smoothing: float = LossConfig.label_smoothing
-    ipo_tau: float | None = LossConfig.ipo_tau
-    simpo_gamma: float = LossConfig.simpo_gamma
-    rpo_alpha: float = LossConfig.rpo_alpha
-    mdpo_anchor: float = LossConfig.mdpo_anchor
-    mm_w: float = LossConfig.mm_w
-    mm_k: float = LossConfig.mm_k
+    loss: LossName = Field("dpo", description="the preference loss (mmalign.losses.LOSSES)")
+    beta: float = _loss_field("beta")
+    label_smoothing: float = _loss_field("label_smoothing")
+    ipo_tau: float | None = _loss_field("ipo_tau")
+    simpo_gamma: float = _loss_field("simpo_gamma")
+    rpo_alpha: float = _loss_field("rpo_alpha")
+    mdpo_anchor: float = _loss_field("mdpo_anchor")
+    mm_w: float = _loss_field("mm_w")
+    mm_k: float = _loss_field("mm_k")
 
     @model_validator(mode="after")
     def _check_loss(self) -> PreferenceConfig:
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(sorted(LOSSES))}")
         self.loss_config()  # LossConfig's own checks; its ValueError becomes a validation error
         return self
 
@@ -260,25 +296,6 @@ def _flag_type(annotation: Any) -> tuple[Any, tuple[Any, ...] | None] | None:
     return None
 
 
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """``name: text`` entries of the ``Attributes:`` section of a class docstring (continuation lines joined)."""
-    docs: dict[str, str] = {}
-    name = None
-    inside = False
-    for line in (cls.__doc__ or "").splitlines():
-        text = line.strip()
-        if text == "Attributes:":
-            inside = True
-        elif inside and not text:
-            name = None
-        elif inside and ":" in text and " " not in text.partition(":")[0]:
-            name, _, rest = text.partition(":")
-            docs[name] = rest.strip()
-        elif inside and name:
-            docs[name] += " " + text
-    return docs
-
-
 def _config_fields(cls: type) -> list[tuple[str, Any, Any, str]]:
     """(name, annotation, default, description) of a pydantic model's or a dataclass's fields."""
     if dataclasses.is_dataclass(cls):
@@ -296,13 +313,16 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str
     Sections (``freeze``, ``lora``) and lists are set with ``key=value`` overrides. Flags default to ``None``:
     "not given", so that a YAML file's value is kept."""
     names = []
+    if not getattr(cls, "resumable", True):
+        skip = (*skip, "resume")
     for name, annotation, default, description in _config_fields(cls):
         found = _flag_type(annotation)
         if found is None or name in skip:
             continue
         kind, choices = found
-        shown = f" (default: {default})" if default not in ("", None) else ""
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"{description}{shown}".strip()}
+        shown = f" (default: {default})" if default not in ("", None, dataclasses.MISSING) else ""
+        text = f"{description}{shown}".strip().replace("%", "%%")  # argparse formats help with %
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": text}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif choices:
@@ -343,12 +363,17 @@ def override_dataclass(obj: D, overrides: list[str] | tuple[str, ...], what: str
             raise ConfigError(f"{what}: unknown key {key!r}{hint}")
         value = _parse_scalar(text.strip())
         kind = _flag_type(hints[key])
-        if kind is not None and kind[0] is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        if kind is None:
+            raise ConfigError(f"{what}: {key} is not a single value and cannot be set with key=value")
+        if value is None and type(None) in get_args(hints[key]):
+            changes[key] = None
+            continue
+        if kind[0] is float and isinstance(value, (int, str)) and not isinstance(value, bool):
             with contextlib.suppress(ValueError):
                 value = float(value)
-        elif kind is not None and kind[0] is str and not isinstance(value, str):
+        elif kind[0] is str and not isinstance(value, str):
             value = text.strip()
-        if kind is None or type(value) is not kind[0] or (kind[1] and value not in kind[1]):
+        if type(value) is not kind[0] or (kind[1] and value not in kind[1]):
             expected = (
                 f"one of {', '.join(map(str, kind[1]))}" if kind and kind[1] else kind[0].__name__ if kind else "?"
             )

@@ -85,7 +85,7 @@ def continuation_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs [B*k] and token counts [B*k] of every reply, the prompt encoded once per prompt.
 
-    ``model`` must pass ``unsupported_reason`` (check first; ``score_pairs`` does).
+    ``model`` must pass ``unsupported_reason`` (check first; ``PairScorer`` does).
     """
     groups = batch.length_groups() if options.split_by_length else None
     if groups is None:
@@ -184,6 +184,8 @@ class PairScorer(torch.nn.Module):
     ``accelerate`` wraps this module; the VLM itself stays reachable as ``.vlm`` for saving. The parts the batch was
     not encoded for are ``None`` (``EncodedPairs.only_corrupt`` scores only mDPO's corrupted-image term).
     """
+
+    wraps_vlm = True  # ``runtime.run.unwrapped`` saves ``.vlm``
 
     def __init__(self, vlm: torch.nn.Module, options: ForwardOptions = ForwardOptions()) -> None:
         super().__init__()

@@ -6,13 +6,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmalign.data.loaders import iter_jsonl
+from mmalign.data.loaders import detect_format, iter_jsonl, read_records
 from mmalign.errors import ConfigError, DataError
 
 
 def _texts_of_row(row: dict[str, Any]) -> Iterator[str]:
     for key in ("messages", "conversations", "prompt", "chosen", "rejected"):
         turns = row.get(key)
+        if isinstance(turns, dict):  # one turn object (LLaMA-Factory's chosen / rejected)
+            turns = [turns]
         if isinstance(turns, str):
             yield turns
         elif isinstance(turns, list):
@@ -24,13 +26,13 @@ def _texts_of_row(row: dict[str, Any]) -> Iterator[str]:
                     yield content.replace("<image>", " ")
                 elif isinstance(content, list):
                     yield from (p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    for key in ("text", "caption", "question", "answer"):
+    for key in ("system", "text", "caption", "question", "answer"):
         if isinstance(row.get(key), str):
             yield row[key]
 
 
 def texts_from(path: Path) -> list[str]:
-    """All text in a JSONL file, or in every JSONL file of a directory."""
+    """All text in a data file (JSON lines, JSON array, Parquet), or in every JSONL file of a directory."""
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files:
         raise DataError(path, None, None, "no JSONL files to build a vocabulary from")
@@ -38,9 +40,20 @@ def texts_from(path: Path) -> list[str]:
     for f in files:
         if not f.is_file():
             raise DataError(f, None, None, "file not found")
-        for _, row in iter_jsonl(f):
+        for _, row in _rows(f):
             texts.extend(_texts_of_row(row))
     return texts
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The rows of a data file; the first unreadable one is an error (a vocabulary needs the whole file)."""
+    if path.suffix.lower() == ".jsonl":
+        yield from iter_jsonl(path)
+        return
+    for row, record in read_records(path, detect_format(path)):
+        if isinstance(record, DataError):
+            raise record
+        yield row, record
 
 
 def corpus_images(paths: Sequence[str | Path] | None, limit: int = 256) -> list[Any]:

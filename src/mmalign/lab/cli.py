@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from mmalign.errors import ConfigError
 
 
-def add_world(sub: Any) -> None:
+def add_world(p: argparse.ArgumentParser) -> None:
     from mmalign.config import add_config_flags
     from mmalign.lab.world.config import WorldConfig
 
-    p = sub.add_parser(
-        "world",
-        help="write the synthetic scene world (images, captions, SFT, POPE, CHAIR)",
-        description="Every scalar WorldConfig knob is a flag (docs/world.md); the same flags give the same bytes.",
-    )
+    p.description = "Every scalar WorldConfig knob is a flag (docs/world.md); the same flags give the same bytes."
     p.add_argument("--out", help="output directory")
-    p.add_argument("--train", type=int, help="training scenes (default: 2000)")
-    p.add_argument("--eval", type=int, help="held-out evaluation scenes (default: 200)")
+    p.add_argument("--train", type=int, help=f"training scenes (default: {WorldConfig.n_train})")
+    p.add_argument("--eval", type=int, help=f"held-out evaluation scenes (default: {WorldConfig.n_eval})")
     p.set_defaults(func=cmd_world, config_fields=add_config_flags(p, WorldConfig, skip=("n_train", "n_eval")))
     wsub = p.add_subparsers(dest="world_command")
     pairs = wsub.add_parser("pairs", help="oracle preference pairs from a world (ground truth vs inserted errors)")
@@ -72,8 +67,7 @@ def cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="the main job: world → pretrain → SFT → POPE/CHAIR → report")
+def add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="the 2-minute profile")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
@@ -96,8 +90,7 @@ def add_demo(sub: Any) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def add_study(sub: Any) -> None:
-    p = sub.add_parser("study", help="the alignment study's grid on the world (BDHS, online, mixed, mDPO vs oracle)")
+def add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/study")
     p.add_argument("--demo", help="a finished `mmalign demo` directory to start from (default: run the demo first)")
     p.add_argument("--quick", action="store_true", help="the quick profile (smoke test)")

@@ -1,9 +1,9 @@
 """``mmalign demo``: the main job, end to end on a laptop CPU.
 
-world → tiny LLaVA (random CLIP tower, projector standardised on the world's images) → the tower pretrained on the
-world's per-cell labels → pretrain on captions → SFT on instructions → POPE (three splits) and CHAIR → preference
-runs → ``report.md`` with tables and plots. Every stage is the same code a user runs from the command line; the demo
-only chains them with a profile of sizes.
+world → tiny model of the default family (random CLIP tower, projector standardised on the world's images) → the
+tower pretrained on the world's per-cell labels → pretrain on captions → SFT on instructions → POPE (three splits) and
+CHAIR → preference runs → ``report.md`` with tables and plots. Every stage is the same code a user runs from the
+command line; the demo only chains them with a profile of sizes.
 
 The tiny model's vision path (tower + calibrated projector) stays frozen in the decoder stages and only the decoder
 learns: a random decoder trained jointly with the projector collapses the projector's output to a constant and never
@@ -396,7 +396,7 @@ def run_demo(
     from mmalign.lab.report import write_report
     from mmalign.lab.world import write_world
     from mmalign.models.build import build_tiny, save_model
-    from mmalign.models.families import TinySize
+    from mmalign.models.families import DEFAULT_FAMILY, TinySize
     from mmalign.runtime.checkpoint import atomic_write_text
 
     profile = demo_profile("quick" if quick else "default", overrides)
@@ -411,7 +411,7 @@ def run_demo(
 
     def init() -> Path:
         model, processor = build_tiny(
-            "llava", corpus_texts([world]), size=TinySize(), seed=seed, calibration_images=corpus_images([world])
+            DEFAULT_FAMILY, corpus_texts([world]), size=TinySize(), seed=seed, calibration_images=corpus_images([world])
         )
         return save_model(model, processor, out / "models" / "init")
 

@@ -11,7 +11,7 @@ flat image-feature tensor splits per image, and which builder makes a small rand
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,23 +219,6 @@ FAMILIES: dict[str, Family] = {
         patches_per_side=6,
         rope="1d",
     ),
-    "qwen2.5-vl": Family(
-        name="qwen2.5-vl",
-        model_types=("qwen2_5_vl",),
-        vision_modules=("model.visual.patch_embed", "model.visual.blocks", "model.visual.rotary_pos_emb"),
-        projector_modules=("model.visual.merger",),
-        language_modules=("model.language_model", "lm_head"),
-        image_token="<|image_pad|>",
-        special_tokens=QWEN_SPECIAL_TOKENS,
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        chat_template=tiny.QWEN2VL_TEMPLATE,
-        build_tiny=tiny.build_qwen25vl,
-        patches_per_side=6,
-        rope="mrope",
-        processor_fallback=_qwen2vl_processor,
-        feature_sizes=_merged_grid_sizes,
-    ),
     "smolvlm": Family(
         name="smolvlm",
         model_types=("smolvlm",),
@@ -290,6 +273,15 @@ FAMILIES: dict[str, Family] = {
         processor_fallback=lambda path, fam: AnyresTokenProcessor.from_pretrained(path),
     ),
 }
+
+
+# The family of ``mmalign model init`` and of the world lab's model.
+DEFAULT_FAMILY = "llava"
+
+# Qwen2.5-VL kept Qwen2-VL's module names, tokens, chat format, positions and processor.
+FAMILIES["qwen2.5-vl"] = replace(
+    FAMILIES["qwen2-vl"], name="qwen2.5-vl", model_types=("qwen2_5_vl",), build_tiny=tiny.build_qwen25vl
+)
 
 
 def family_of(config: Any) -> Family | None:

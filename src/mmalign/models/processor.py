@@ -16,7 +16,27 @@ from typing import Any
 import torch
 
 
-class ImageTokenProcessor:
+class _TokenizerHalf:
+    """What a processor stand-in forwards to its tokenizer, and how it is saved (tokenizer + image processor)."""
+
+    tokenizer: Any
+    image_processor: Any
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def save_pretrained(self, out: str | Path) -> None:
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+
+
+class ImageTokenProcessor(_TokenizerHalf):
     """Minimal processor: chat template + image-token expansion + image preprocessing.
 
     Args:
@@ -31,9 +51,6 @@ class ImageTokenProcessor:
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.chat_template = tokenizer.chat_template
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     def _tokens_per_image(self, grid_thw: torch.Tensor) -> int:
         merge = getattr(self.image_processor, "merge_size", 1)
@@ -72,18 +89,8 @@ class ImageTokenProcessor:
         out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
         return out
 
-    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
-        return self.tokenizer.batch_decode(*args, **kwargs)
 
-    def decode(self, *args: Any, **kwargs: Any) -> str:
-        return self.tokenizer.decode(*args, **kwargs)
-
-    def save_pretrained(self, out: str | Path) -> None:
-        self.tokenizer.save_pretrained(out)
-        self.image_processor.save_pretrained(out)
-
-
-class AnyresTokenProcessor:
+class AnyresTokenProcessor(_TokenizerHalf):
     """Image-only stand-in for ``LlavaOnevisionProcessor``, which transformers cannot build without torchvision.
 
     transformers checks the processor's video processor against a class it only exports with torchvision installed,
@@ -136,9 +143,6 @@ class AnyresTokenProcessor:
             tok.convert_ids_to_tokens(config.image_token_id),
             config.vision_aspect_ratio,
         )
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     def tokens_per_image(self, height: int, width: int, tile: tuple[int, int], alone: bool) -> int:
         """Image tokens of one image of ``height`` x ``width`` pixels (``alone``: the only image of its prompt)."""
@@ -195,13 +199,3 @@ class AnyresTokenProcessor:
         out["input_ids"] = enc["input_ids"]
         out["attention_mask"] = enc["attention_mask"]
         return out
-
-    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args: Any, **kwargs: Any) -> str:
-        return self.tokenizer.decode(*args, **kwargs)
-
-    def save_pretrained(self, out: str | Path) -> None:
-        self.tokenizer.save_pretrained(out)
-        self.image_processor.save_pretrained(out)

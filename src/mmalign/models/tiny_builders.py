@@ -50,13 +50,8 @@ IDEFICS3_TEMPLATE = (
 )
 
 
-SMOLVLM_TEMPLATE = (
-    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}: "
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
-    "{% if p['type'] == 'image' %}<image>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<end_of_utterance>{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-# The same template as families.QWEN2VL_TEMPLATE: Qwen2.5-VL kept Qwen2-VL's chat format.
+# SmolVLM kept Idefics3's format and opens with its own start token; Qwen2.5-VL kept Qwen2-VL's (QWEN2VL_TEMPLATE).
+SMOLVLM_TEMPLATE = IDEFICS3_TEMPLATE.replace("<|begin_of_text|>", "<|im_start|>", 1)
 # llava-v1.6-mistral's format; Mistral has no system role, so a system turn is rendered as an instruction turn.
 LLAVA_NEXT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] != 'assistant' %}[INST] {% endif %}"
@@ -116,6 +111,36 @@ def _clip_processor_args(tok: Any, size: TinySize) -> dict[str, Any]:
     }
 
 
+def _mrope_text_config(tok: Any, size: TinySize) -> dict[str, Any]:
+    """A qwen2-style decoder with M-RoPE, which splits the rotary half-dimension into temporal / height / width."""
+    half = size.text_hidden // size.text_heads // 2
+    sections = [half - 2 * (half // 3), half // 3, half // 3]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}
+    return {**_text_config(tok, size), "rope_parameters": rope}
+
+
+def _qwen_image_processor(size: TinySize, merge: int) -> Any:
+    """Qwen2-VL's image processor at exactly ``image_size`` pixels a side (one fixed grid per image)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    pixels = size.image_size * size.image_size
+    return Qwen2VLImageProcessorPil(
+        min_pixels=pixels, max_pixels=pixels, patch_size=size.patch_size, merge_size=merge, temporal_patch_size=2
+    )
+
+
+def _idefics_vision_config(size: TinySize) -> dict[str, Any]:
+    """The SigLIP-like tower of Idefics3 and SmolVLM."""
+    return {
+        "hidden_size": size.vision_hidden,
+        "intermediate_size": size.vision_hidden * 4,
+        "num_hidden_layers": size.vision_layers,
+        "num_attention_heads": size.vision_heads,
+        "image_size": size.image_size,
+        "patch_size": size.patch_size,
+    }
+
+
 def build_llava(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
     from transformers import (
         CLIPImageProcessor,
@@ -150,14 +175,8 @@ def build_llava(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
 
 def build_qwen2vl(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    head_dim = size.text_hidden // size.text_heads
-    # M-RoPE splits the rotary half-dimension into temporal / height / width sections.
-    half = head_dim // 2
-    sections = [half - 2 * (half // 3), half // 3, half // 3]
-    text = _text_config(tok, size)
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}
+    text = _mrope_text_config(tok, size)
     vision = {
         "depth": size.vision_layers,
         "embed_dim": size.vision_hidden,
@@ -177,14 +196,7 @@ def build_qwen2vl(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
         tie_word_embeddings=size.tie_embeddings,
     )
     model = Qwen2VLForConditionalGeneration(config)
-    pixels = size.image_size * size.image_size
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=pixels,
-        max_pixels=pixels,
-        patch_size=size.patch_size,
-        merge_size=2,
-        temporal_patch_size=2,
-    )
+    image_processor = _qwen_image_processor(size, merge=2)
     try:
         processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
     except (TypeError, AttributeError, ImportError):
@@ -197,14 +209,7 @@ def build_idefics3(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    vision = {
-        "hidden_size": size.vision_hidden,
-        "intermediate_size": size.vision_hidden * 4,
-        "num_hidden_layers": size.vision_layers,
-        "num_attention_heads": size.vision_heads,
-        "image_size": size.image_size,
-        "patch_size": size.patch_size,
-    }
+    vision = _idefics_vision_config(size)
     scale = 2
     config = Idefics3Config(
         text_config={"model_type": "llama", **_text_config(tok, size)},
@@ -237,14 +242,7 @@ def build_smolvlm(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
     scale = 2
-    vision = {
-        "hidden_size": size.vision_hidden,
-        "intermediate_size": size.vision_hidden * 4,
-        "num_hidden_layers": size.vision_layers,
-        "num_attention_heads": size.vision_heads,
-        "image_size": size.image_size,
-        "patch_size": size.patch_size,
-    }
+    vision = _idefics_vision_config(size)
     config = SmolVLMConfig(
         text_config={"model_type": "llama", **_text_config(tok, size)},
         vision_config=vision,
@@ -290,14 +288,8 @@ def build_qwen25vl(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
     ``image_grid_thw`` [images, 3]; the position ids are 3D (``get_rope_index``).
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    head_dim = size.text_hidden // size.text_heads
-    # M-RoPE splits the rotary half-dimension into temporal / height / width sections.
-    half = head_dim // 2
-    sections = [half - 2 * (half // 3), half // 3, half // 3]
-    text = _text_config(tok, size)
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}
+    text = _mrope_text_config(tok, size)
     merge = 2
     vision = {
         "depth": size.vision_layers,
@@ -321,14 +313,7 @@ def build_qwen25vl(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
         tie_word_embeddings=size.tie_embeddings,
     )
     model = Qwen2_5_VLForConditionalGeneration(config)
-    pixels = size.image_size * size.image_size
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=pixels,
-        max_pixels=pixels,
-        patch_size=size.patch_size,
-        merge_size=merge,
-        temporal_patch_size=2,
-    )
+    image_processor = _qwen_image_processor(size, merge=merge)
     try:
         from transformers import Qwen2_5_VLProcessor
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor

@@ -26,7 +26,7 @@ from mmalign.data.corruption import random_crop
 from mmalign.data.pair_inputs import EncodedPairs, encode_pairs
 from mmalign.data.preference import load_pairs
 from mmalign.forward import ForwardOptions, PairScorer, pair_logps
-from mmalign.losses import PairLogps, compute_loss, dpo_metrics
+from mmalign.losses import LOSSES, PairLogps, compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import Batches
 from mmalign.runtime.launch import Recipe
@@ -235,7 +235,7 @@ RECIPE = Recipe(
     "dpo",
     DpoConfig,
     train,
-    "offline preference optimisation (--loss dpo|cdpo|robust|ipo|hinge|dpo_norm|simpo|mdpo|mm_dpo|...)",
+    f"offline preference optimisation (--loss {'|'.join(sorted(LOSSES))})",
 )
 
 if __name__ == "__main__":

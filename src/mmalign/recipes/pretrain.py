@@ -1,7 +1,7 @@
 """Projector pretraining (modality alignment): caption data, vision tower and language model frozen.
 
-The training loop is the supervised one of ``recipes/sft.py``; only the defaults differ (LLaVA stage 1: projector
-only, high learning rate).
+The training loop is the supervised one of ``recipes/sft.py``; only the defaults differ (the first of the usual two
+stages: projector only, high learning rate).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class SftConfig(TrainConfig):
-    """Instruction tuning: projector + language model trained, vision tower frozen (LLaVA stage 2)."""
+    """Instruction tuning: projector + language model trained, vision tower frozen (the usual second stage)."""
 
     lr: float = Field(2e-5, gt=0)
     freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(vision=True, projector=False, llm=False))
@@ -102,6 +102,12 @@ def train(cfg: TrainConfig) -> Path:
     # Data first: a bad file fails in a second, before any model is loaded.
     data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
     loaded = load_model(cfg.model)
+    if cfg.pack and (loaded.family is None or not loaded.family.packable):
+        name = loaded.family.name if loaded.family else loaded.model.config.model_type
+        raise ConfigError(
+            f"pack=true needs a family whose rows can be packed (1-D positions, one pixel row per image); {name} "
+            "cannot be packed (pack=false)"
+        )
     model = trainable_model(loaded, cfg)
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
@@ -123,12 +129,6 @@ def train(cfg: TrainConfig) -> Path:
         enabled=cfg.progress and accelerator.is_main_process,
     )
 
-    if cfg.pack and (loaded.family is None or not loaded.family.packable):
-        name = loaded.family.name if loaded.family else loaded.model.config.model_type
-        raise ConfigError(
-            f"pack=true needs a family whose rows can be packed (1-D positions, one pixel row per image); {name} "
-            "needs its own position ids (pack=false)"
-        )
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     encoder = with_pixel_cache(loaded.processor, cfg.pixel_cache_mb << 20)
 
@@ -143,7 +143,9 @@ def train(cfg: TrainConfig) -> Path:
         return [encode_micro(m) for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)]
 
     tokens_seen = 0
-    end_step = StepEnd(cfg, optimizer, metrics, bar, model=model, accelerator=accelerator, show=())
+    end_step = StepEnd(
+        cfg, optimizer, metrics, bar, model=model, accelerator=accelerator, show=("loss", "tokens_per_s")
+    )
     for step in range(start, cfg.steps):
         micro_batches = encode_step(step)
         lr = cfg.lr * lr_factor(step, cfg.steps, warmup, cfg.schedule)
@@ -166,7 +168,6 @@ def train(cfg: TrainConfig) -> Path:
             step_loss += nll_sum
         loss_value = step_loss / max(1, n_tokens)
         tokens_per_s = tokens_seen / max(end_step.elapsed(), 1e-9)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
         end_step(step, {"loss": loss_value, "tokens_per_s": tokens_per_s}, lr)
     bar.close()
     return finish_run(accelerator, model, optimizer, loaded.processor, cfg, metrics)

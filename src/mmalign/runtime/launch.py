@@ -1,6 +1,6 @@
 """Run training jobs on the cores a machine has: a recipe in N data-parallel processes, or whole jobs side by side.
 
-``run_recipe(name, flags, overrides, processes=N)`` trains in this process (N = 1) or in N processes under
+``run_recipe(recipe, flags, overrides, processes=N)`` trains in this process (N = 1) or in N processes under
 ``torchrun`` (DDP; gloo on a CPU): the standard ``torch.distributed`` launcher and the recipes' own accelerate
 set-up, nothing home-made. ``batch_size`` in the flags is the *global* batch; each process takes ``batch_size / N``
 (the recipes count ``batch_size`` per process). A recipe is a ``Recipe`` record its module declares; each process
@@ -33,6 +33,8 @@ class Recipe:
     config: type
     train: Callable[[Any], Path]
     help: str = ""
+    # Trains data-parallel under torchrun (accelerate); a single-process recipe refuses ``processes > 1``.
+    distributed: bool = True
 
     @property
     def module(self) -> str:
@@ -106,6 +108,8 @@ def run_recipe(recipe: Recipe, flags: dict[str, Any], overrides: Sequence[str] =
     from mmalign.config import load_config
 
     cls, name = recipe.config, recipe.name
+    if processes > 1 and not recipe.distributed:
+        raise ValueError(f"recipe {name} runs in one process; run it with processes=1")
     if processes <= 1:
         return recipe.train(load_config(cls, flags=flags, overrides=list(overrides)))
     flags = {k: v for k, v in flags.items() if v is not None}

@@ -31,10 +31,10 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
 
 def unwrapped(accelerator: Any, model: Any) -> torch.nn.Module:
-    """The model to save: accelerate's wrappers removed, and the VLM inside a scoring wrapper (one that keeps it as
-    ``.vlm``, as ``mmalign.forward.PairScorer`` does)."""
+    """The model to save: accelerate's wrappers removed, and the VLM inside a scoring wrapper (a module marked
+    ``wraps_vlm`` that keeps it as ``.vlm``, as ``mmalign.forward.PairScorer`` does)."""
     inner = accelerator.unwrap_model(model)
-    return getattr(inner, "vlm", inner)
+    return inner.vlm if getattr(type(inner), "wraps_vlm", False) else inner
 
 
 def trainable_model(loaded: LoadedModel, cfg: TrainConfig) -> torch.nn.Module:

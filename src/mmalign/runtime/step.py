@@ -2,9 +2,10 @@
 
 ``StepEnd(...)(step, values, lr)`` takes the values a step measured (its loss and metrics, already averaged over the
 step's micro-batches) and does what follows the backward passes, in this order: the values' mean over processes
-(each process saw its own slice of the batch), gradient clipping (``grad_norm`` joins the values), the optimizer step,
-the progress bar, a metrics line every ``log_every`` steps and at the last step (the mean of the values over the steps
-since the previous line, with ``lr`` and ``elapsed_s``), and the periodic checkpoint.
+(each process saw its own slice of the batch; a value only some processes measured is the mean over those), gradient
+clipping (``grad_norm`` joins the values), the optimizer step, the progress bar, a metrics line every ``log_every``
+steps and at the last step (each value's mean over the steps since the previous line that measured it, with ``lr``
+and ``elapsed_s``), and the periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -50,8 +51,7 @@ class StepEnd:
         self.params = list(params if params is not None else model.parameters())
         self.metrics, self.bar, self.accelerator, self.show = metrics, bar, accelerator, show
         self.t0 = time.perf_counter()
-        self._window: dict[str, float] = {}
-        self._steps = 0
+        self._window: dict[str, list[float]] = {}  # key → [sum, steps that measured it]
 
     def elapsed(self) -> float:
         """Seconds since the run's steps began."""
@@ -60,26 +60,43 @@ class StepEnd:
     def __call__(self, step: int, values: dict[str, float], lr: float) -> dict[str, float]:
         """Finish step ``step`` (0-based); returns the step's values as logged (reduced, with ``grad_norm``)."""
         acc, cfg = self.accelerator, self.cfg
-        if acc is not None and acc.num_processes > 1 and values:
-            keys = sorted(values)
-            reduced = acc.reduce(torch.tensor([values[k] for k in keys], device=acc.device), "mean")
-            values = dict(zip(keys, reduced.tolist()))
+        if acc is not None and acc.num_processes > 1:
+            values = _mean_over_processes(acc, values)
         if cfg.max_grad_norm:
             clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
             values = {**values, "grad_norm": float(clip(self.params, cfg.max_grad_norm))}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.bar.update(1)
-        self.bar.set_postfix({k: f"{values[k]:.3f}" for k in self.show if k in values})
+        self.bar.set_postfix({k: _short(values[k]) for k in self.show if k in values}, refresh=False)
         for key, value in values.items():
-            self._window[key] = self._window.get(key, 0.0) + value
-        self._steps += 1
+            total = self._window.setdefault(key, [0.0, 0])
+            total[0] += value
+            total[1] += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             if self.metrics is not None:
-                mean = {k: v / self._steps for k, v in self._window.items()}
+                mean = {k: s / n for k, (s, n) in self._window.items()}
                 self.metrics.write(done, {**mean, "lr": lr, "elapsed_s": self.elapsed()})
-            self._window, self._steps = {}, 0
+            self._window = {}
         if acc is not None and self.model is not None:
             maybe_checkpoint(acc, self.model, self.optimizer, cfg, done)
         return values
+
+
+def _short(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def _mean_over_processes(accelerator: Any, values: dict[str, float]) -> dict[str, float]:
+    """Each value's mean over the processes that measured it (the key sets may differ between processes)."""
+    from accelerate.utils import gather_object
+
+    keys = sorted({k for ks in gather_object([sorted(values)]) for k in ks})
+    if not keys:
+        return values
+    local = torch.tensor(
+        [[values.get(k, 0.0) for k in keys], [float(k in values) for k in keys]], device=accelerator.device
+    )
+    sums, counts = accelerator.reduce(local, "sum").tolist()
+    return {k: s / n for k, s, n in zip(keys, sums, counts) if n}

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from mmalign.config import TrainConfig, dump_config
 from mmalign.data.loaders import load_samples
+from mmalign.errors import ModelError
 from mmalign.models.families import family_of
 from mmalign.models.load import load_model
 from mmalign.runtime.batching import batch_indices
@@ -99,7 +100,7 @@ def _image_tokens(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # Flat [sum of tokens, D]: split per image as the family says.
     fam = family_of(model.config)
     if fam is None or fam.feature_sizes is None:
-        raise ValueError(f"{model.config.model_type}: flat image features and no registered way to split them")
+        raise ModelError(f"{model.config.model_type}: flat image features and no registered way to split them")
     return torch.stack([chunk.mean(0) for chunk in feats.split(fam.feature_sizes(model, batch))])
 
 
@@ -176,7 +177,11 @@ def _language_prefix(core: torch.nn.Module) -> str:
 
 
 RECIPE = Recipe(
-    "contrastive", ContrastiveConfig, train, "CLIP-style warm-up of a random-init vision path on image-caption pairs"
+    "contrastive",
+    ContrastiveConfig,
+    train,
+    "CLIP-style warm-up of a random-init vision path on image-caption pairs",
+    distributed=False,
 )
 
 if __name__ == "__main__":

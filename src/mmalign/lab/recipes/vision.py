@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmalign.config import TrainConfig, dump_config
-from mmalign.errors import DataError
+from mmalign.errors import DataError, ModelError
 from mmalign.lab.world.config import WorldConfig, load_world_config
 from mmalign.lab.world.scenes import SCENES_JSONL, Scene
 from mmalign.models.calibrate import whiten_projector_input
@@ -231,9 +231,9 @@ def _tower(model: Any) -> tuple[torch.nn.Module, Any]:
     tower = getattr(core, "vision_tower", None)
     cfg = getattr(tower, "config", None)
     if tower is None or not hasattr(cfg, "patch_size") or not hasattr(cfg, "image_size"):
-        raise ValueError(
-            "vision pretraining needs a VLM with a ViT vision tower over a square image (LLaVA-style "
-            "`model.vision_tower`); this model has none"
+        raise ModelError(
+            "vision pretraining needs a VLM with a ViT vision tower over a square image (`model.vision_tower`); "
+            "this model has none"
         )
     layer = getattr(model.config, "vision_feature_layer", -1)
     side = int(cfg.image_size) // int(cfg.patch_size)
@@ -262,6 +262,7 @@ RECIPE = Recipe(
     VisionConfig,
     train,
     "supervised pretraining of a random-init vision tower on a world's per-cell labels (--data WORLD)",
+    distributed=False,
 )
 
 if __name__ == "__main__":

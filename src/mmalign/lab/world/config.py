@@ -82,10 +82,11 @@ class WorldConfig:
             absent shapes; 0: never asked).
         caption_prior_prob: per training detailed description of a scene with at least
             ``caption_prior_min_objects`` objects and a planted-pair member whose partner is absent, probability
-            that the description ends with one more sentence naming that absent partner (``mmalign.lab.world.text.
-            prior_tail``): training descriptions that, late in a long description of a busy scene, write what the
-            context implies rather than what the image shows, as machine-written instruction data does. Evaluation
-            captions, oracle pairs and yes/no answers stay true. 0 (the default) keeps every caption true.
+            that the description ends with one more sentence naming that absent partner
+            (``mmalign.lab.world.text.prior_tail``): training descriptions that, late in a long description of a
+            busy scene, write what the context implies rather than what the image shows, as machine-written
+            instruction data does. Evaluation captions, oracle pairs and yes/no answers stay true. 0 (the default)
+            keeps every caption true.
         caption_prior_min_objects: fewest objects a scene needs for ``caption_prior_prob`` to apply.
         image_size: side of the square images, in pixels.
         n_train: number of training scenes.

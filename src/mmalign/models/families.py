@@ -219,30 +219,6 @@ FAMILIES: dict[str, Family] = {
         patches_per_side=6,
         rope="1d",
     ),
-    "smolvlm": Family(
-        name="smolvlm",
-        model_types=("smolvlm",),
-        vision_modules=("model.vision_model",),
-        projector_modules=("model.connector",),
-        language_modules=("model.text_model", "lm_head"),
-        special_tokens=(
-            "<|endoftext|>",
-            "<unk>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "<end_of_utterance>",
-            "<image>",
-            "<fake_token_around_image>",
-            "<global-img>",
-        ),
-        pad_token="<|im_end|>",
-        eos_token="<end_of_utterance>",
-        bos_token="<|im_start|>",
-        chat_template=tiny.SMOLVLM_TEMPLATE,
-        build_tiny=tiny.build_smolvlm,
-        patches_per_side=6,
-        rope="1d",
-    ),
     # LLaVA-NeXT and OneVision learn ``image_newline`` (a bare parameter, the row separator of tiled features) with
     # the projector.
     "llava-next": Family(
@@ -278,6 +254,26 @@ FAMILIES: dict[str, Family] = {
 # The family of ``mmalign model init`` and of the world lab's model.
 DEFAULT_FAMILY = "llava"
 
+# SmolVLM kept Idefics3's module names and chat format, with its own start, padding and end-of-turn tokens.
+FAMILIES["smolvlm"] = replace(
+    FAMILIES["idefics3"],
+    name="smolvlm",
+    model_types=("smolvlm",),
+    special_tokens=(
+        "<|endoftext|>",
+        "<unk>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<end_of_utterance>",
+        "<image>",
+        "<fake_token_around_image>",
+        "<global-img>",
+    ),
+    pad_token="<|im_end|>",
+    bos_token="<|im_start|>",
+    chat_template=tiny.SMOLVLM_TEMPLATE,
+    build_tiny=tiny.build_smolvlm,
+)
 # Qwen2.5-VL kept Qwen2-VL's module names, tokens, chat format, positions and processor.
 FAMILIES["qwen2.5-vl"] = replace(
     FAMILIES["qwen2-vl"], name="qwen2.5-vl", model_types=("qwen2_5_vl",), build_tiny=tiny.build_qwen25vl

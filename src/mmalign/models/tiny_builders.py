@@ -205,26 +205,34 @@ def build_qwen2vl(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
     return model, processor
 
 
-def build_idefics3(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-    vision = _idefics_vision_config(size)
+def _idefics_style(
+    tok: Any, size: TinySize, config_cls: Any, model_cls: Any, image_processor_cls: Any
+) -> tuple[torch.nn.Module, Any, int]:
+    """(model, image processor, image tokens per image) of Idefics3 or SmolVLM: SigLIP-like tower, pixel-shuffle
+    connector (scale 2), llama decoder; images are not split."""
     scale = 2
-    config = Idefics3Config(
+    config = config_cls(
         text_config={"model_type": "llama", **_text_config(tok, size)},
-        vision_config=vision,
+        vision_config=_idefics_vision_config(size),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=scale,
         tie_word_embeddings=size.tie_embeddings,
     )
-    model = Idefics3ForConditionalGeneration(config)
-    image_processor = Idefics3ImageProcessorPil(
+    image_processor = image_processor_cls(
         do_image_splitting=False,
         size={"longest_edge": size.image_size},
         max_image_size={"longest_edge": size.image_size},
     )
-    seq_len = (size.image_size // size.patch_size) ** 2 // (scale * scale)
+    return model_cls(config), image_processor, (size.image_size // size.patch_size) ** 2 // (scale * scale)
+
+
+def build_idefics3(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    model, image_processor, seq_len = _idefics_style(
+        tok, size, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil
+    )
     processor = Idefics3Processor(
         image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len, chat_template=tok.chat_template
     )
@@ -238,25 +246,12 @@ def build_smolvlm(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
     ``<fake_token_around_image><global-img>`` and ``<fake_token_around_image>``. ``pixel_values`` are
     [B, images, C, H, W] with a ``pixel_attention_mask`` [B, images, H, W].
     """
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers import Idefics3Processor, SmolVLMConfig, SmolVLMForConditionalGeneration
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-    scale = 2
-    vision = _idefics_vision_config(size)
-    config = SmolVLMConfig(
-        text_config={"model_type": "llama", **_text_config(tok, size)},
-        vision_config=vision,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        scale_factor=scale,
-        tie_word_embeddings=size.tie_embeddings,
+    model, image_processor, seq_len = _idefics_style(
+        tok, size, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil
     )
-    model = SmolVLMForConditionalGeneration(config)
-    image_processor = SmolVLMImageProcessorPil(
-        do_image_splitting=False,
-        size={"longest_edge": size.image_size},
-        max_image_size={"longest_edge": size.image_size},
-    )
-    seq_len = (size.image_size // size.patch_size) ** 2 // (scale * scale)
     try:
         from transformers import SmolVLMProcessor
         from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
@@ -272,8 +267,6 @@ def build_smolvlm(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
         # SmolVLMProcessor refuses to start without `num2words` (used only for video prompts), and without
         # torchvision transformers cannot check its video processor's class. For images that are not split,
         # Idefics3Processor writes the same prompt (<fake><global-img><image>*n<fake>) and pixels.
-        from transformers import Idefics3Processor
-
         processor = Idefics3Processor(
             image_processor=image_processor, tokenizer=tok, image_seq_len=seq_len, chat_template=tok.chat_template
         )

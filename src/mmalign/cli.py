@@ -144,6 +144,14 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     sc.add_argument("--out", required=True)
     sc.set_defaults(func=cmd_score_chair)
 
+    rm = esub.add_parser("rm", help="reward-model accuracy on held-out pairs, overall and per pair kind")
+    rm.add_argument("--model", required=True, help="a reward model directory (`mmalign train rm`)")
+    rm.add_argument("--data", required=True, help="preference pairs (any format `mmalign train dpo` reads)")
+    rm.add_argument("--batch-size", type=int, default=16)
+    rm.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    rm.add_argument("--out", required=True, help="result JSON")
+    rm.set_defaults(func=cmd_eval_rm)
+
 
 def _write_json(path: str | Path, obj: Any) -> None:
     from mmalign.runtime.checkpoint import atomic_write_text
@@ -204,6 +212,15 @@ def cmd_eval_chair(args: argparse.Namespace) -> int:
     )
     _write_json(out, result)
     print(chair_markdown_table(result))
+    return 0
+
+
+def cmd_eval_rm(args: argparse.Namespace) -> int:
+    from mmalign.eval.reward import evaluate_reward_model, reward_markdown_table
+
+    result = evaluate_reward_model(args.model, args.data, batch_size=args.batch_size, limit=args.limit)
+    _write_json(args.out, result)
+    print(reward_markdown_table(result))
     return 0
 
 

@@ -96,38 +96,49 @@ def continuation_logps(
     return torch.cat([p[0] for p in parts])[back], torch.cat([p[1] for p in parts])[back]
 
 
-def _continuation_logps(model: Any, batch: Continuations, options: ForwardOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def continuation_hidden(model: Any, batch: Continuations, n_tokens: int) -> torch.Tensor:
+    """Decoder hidden states [B*k, 1 + n_tokens, H]: each prompt's last token (the prompt and its images encoded
+    once per prompt), then the first ``n_tokens`` tokens of each of its ``k`` replies continued from its cache.
+
+    ``model`` must pass ``unsupported_reason``.
+    """
     inner = inner_model(model)
-    base, lm_head = inner.model, inner.lm_head
+    base = inner.model
     prompt, k = batch.prompt, batch.k
     mask = prompt["attention_mask"]
     pos = prompt_positions(inner, prompt)
     out = base(**prompt, position_ids=pos, use_cache=True, return_dict=True)
     last = out.last_hidden_state[:, -1:]  # left padding: the last column is every prompt's last token
     replies, reply_mask = batch.replies, batch.reply_mask
-    n_rows, width = replies.shape
     if k > 1:
         last = last.repeat_interleave(k, dim=0)
-    hidden = last
-    if width > 1:
-        # The reply's last token predicts nothing we score, so the continuation stops one short.
-        cache = out.past_key_values
-        if k > 1:
-            cache.batch_repeat_interleave(k)
-        start = (pos.amax(dim=(0, 2)) if pos.dim() == 3 else pos[:, -1]) + 1
-        cont_pos = start.repeat_interleave(k).unsqueeze(-1) + torch.arange(width - 1, device=replies.device)
-        if pos.dim() == 3:
-            cont_pos = cont_pos.unsqueeze(0).expand(3, -1, -1)
-        full_mask = torch.cat([mask.repeat_interleave(k, dim=0), reply_mask[:, :-1].to(mask.dtype)], dim=1)
-        cont = base(
-            input_ids=replies[:, :-1],
-            attention_mask=full_mask,
-            position_ids=cont_pos,
-            past_key_values=cache,
-            use_cache=True,
-            return_dict=True,
-        )
-        hidden = torch.cat([last, cont.last_hidden_state], dim=1)
+    if n_tokens < 1:
+        return last
+    cache = out.past_key_values
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+    start = (pos.amax(dim=(0, 2)) if pos.dim() == 3 else pos[:, -1]) + 1
+    cont_pos = start.repeat_interleave(k).unsqueeze(-1) + torch.arange(n_tokens, device=replies.device)
+    if pos.dim() == 3:
+        cont_pos = cont_pos.unsqueeze(0).expand(3, -1, -1)
+    full_mask = torch.cat([mask.repeat_interleave(k, dim=0), reply_mask[:, :n_tokens].to(mask.dtype)], dim=1)
+    cont = base(
+        input_ids=replies[:, :n_tokens],
+        attention_mask=full_mask,
+        position_ids=cont_pos,
+        past_key_values=cache,
+        use_cache=True,
+        return_dict=True,
+    )
+    return torch.cat([last, cont.last_hidden_state], dim=1)
+
+
+def _continuation_logps(model: Any, batch: Continuations, options: ForwardOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    lm_head = inner_model(model).lm_head
+    replies, reply_mask = batch.replies, batch.reply_mask
+    n_rows, width = replies.shape
+    # The reply's last token predicts nothing we score, so the continuation stops one short.
+    hidden = continuation_hidden(model, batch, width - 1)
     rows = torch.arange(n_rows, device=replies.device).unsqueeze(-1).expand(-1, width)
     if options.response_logits_only:
         token_logps = _head_logps(lm_head, hidden[reply_mask], replies[reply_mask])

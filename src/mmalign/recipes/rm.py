@@ -1,0 +1,109 @@
+"""Bradley–Terry reward model of a VLM: a scalar head on the last reply token, trained on preference pairs.
+
+One linear recipe: pairs (any format ``load_pairs`` reads) → the VLM with a ``reward_head`` (``mmalign.reward``),
+frozen or LoRA-adapted like every recipe → per step: each prompt and its images encoded once, both replies scored
+from its cache → ``bradley_terry`` (plain, with the data's margins, with centring) → the shared step end → the
+model saved with its head and ``reward.json``. Metrics under TRL's reward-trainer names (``accuracy``, ``margin``,
+``rewards/chosen``, ``rewards/rejected``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from mmalign.config import FreezeConfig, TrainConfig, dump_config
+from mmalign.data.pair_inputs import encode_pairs
+from mmalign.data.preference import load_pairs
+from mmalign.errors import ConfigError
+from mmalign.models.load import count_parameters, load_model
+from mmalign.reward import RewardScorer, attach_head, write_marker
+from mmalign.reward_losses import RewardLossConfig, bradley_terry, reward_metrics
+from mmalign.runtime.batching import Batches
+from mmalign.runtime.launch import Recipe
+from mmalign.runtime.launch import main as launch_main
+from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
+from mmalign.runtime.progress import progress_bar
+from mmalign.runtime.run import finish_run, make_accelerator, resume_and_log, trainable_model
+from mmalign.runtime.step import StepEnd
+
+log = logging.getLogger(__name__)
+
+
+class RewardConfig(TrainConfig):
+    """Reward-model training: the head, the projector and the language model train (or LoRA with ``lora.*``)."""
+
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    use_margin: bool = Field(RewardLossConfig.use_margin, description="subtract each pair's data margin")
+    center_coef: float = Field(RewardLossConfig.center_coef, ge=0, description="weight of (r_c + r_r)^2")
+    # Encode each prompt once and continue both replies from its cache (off: full sequences, to compare).
+    share_prompt: bool = True
+    freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(vision=True, projector=False, llm=False))
+
+    def loss_config(self) -> RewardLossConfig:
+        return RewardLossConfig(use_margin=self.use_margin, center_coef=self.center_coef)
+
+
+def train(cfg: RewardConfig) -> Path:
+    """Train a reward model; returns the final model directory (``<out>/model``, with ``reward.json``)."""
+    from accelerate.utils import set_seed
+
+    out = Path(cfg.out)
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    data = load_pairs(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
+    pairs = data.pairs
+    if cfg.use_margin and any(p.margin is None for p in pairs):
+        missing = next(p.id for p in pairs if p.margin is None)
+        raise ConfigError(f"use_margin=true but pair {missing!r} of {cfg.data} has no margin")
+    loaded = load_model(cfg.model)
+    attach_head(loaded.model, cfg.seed)
+    scorer = RewardScorer(trainable_model(loaded, cfg))
+    share = cfg.share_prompt and scorer.share_prompt
+    if accelerator.is_main_process:
+        log.info("%s", data.summary())
+        log.info("trainable parameters: %d / %d", *count_parameters(scorer))
+    optimizer = make_optimizer(scorer, cfg.lr, cfg.weight_decay)
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    start, metrics = resume_and_log(accelerator, scorer, optimizer, cfg)
+    batches = Batches.for_run(pairs, cfg, accelerator.process_index, accelerator.num_processes)
+    loss_cfg = cfg.loss_config()
+    warmup = int(cfg.warmup_ratio * cfg.steps)
+    scorer.train()
+    bar = progress_bar(
+        cfg.steps, desc=f"rm {out.name}", initial=start, enabled=cfg.progress and accelerator.is_main_process
+    )
+    end_step = StepEnd(cfg, optimizer, metrics, bar, model=scorer, accelerator=accelerator, show=("loss", "accuracy"))
+    for step in range(start, cfg.steps):
+        lr = cfg.lr * lr_factor(step, cfg.steps, warmup, cfg.schedule)
+        set_lr(optimizer, lr)
+        logged: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = [pairs[i] for i in batches(step * cfg.grad_accum + micro)]
+            enc = encode_pairs(loaded.processor, batch, share_prompt=share, max_length=cfg.max_length)
+            chosen, rejected = scorer(enc.to(accelerator.device))
+            margin = torch.tensor([p.margin or 0.0 for p in batch], device=chosen.device) if cfg.use_margin else None
+            loss = bradley_terry(chosen, rejected, loss_cfg, margin)
+            accelerator.backward(loss.mean() / cfg.grad_accum)
+            for key, value in reward_metrics(loss, chosen, rejected).items():
+                logged[key] = logged.get(key, 0.0) + value / cfg.grad_accum
+        end_step(step, logged, lr)
+    bar.close()
+    final = finish_run(accelerator, scorer, optimizer, loaded.processor, cfg, metrics)
+    if accelerator.is_main_process:
+        write_marker(final)
+    return final
+
+
+RECIPE = Recipe("rm", RewardConfig, train, "Bradley–Terry reward model (scalar head on the last reply token)")
+
+if __name__ == "__main__":
+    sys.exit(launch_main(RECIPE, sys.argv[1:]))

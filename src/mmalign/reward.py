@@ -1,0 +1,105 @@
+"""A VLM reward model: a scalar head on the decoder's hidden state at a reply's last token (Bradley–Terry).
+
+The head is a submodule of the VLM (``vlm.reward_head``, one ``Linear(H, 1)``), so that checkpoints, LoRA merging
+and ``save_pretrained`` carry it with the weights; ``reward.json`` beside the weights marks a reward model.
+``RewardScorer`` scores a batch of pairs in one ``forward`` with the pair forward's layout: each prompt and its
+images encoded once, both replies continued from its cache (``mmalign.forward.continuation_hidden``); an
+architecture without the shared-prompt forward is scored on full sequences.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from mmalign.data.pair_inputs import EncodedPairs
+from mmalign.errors import ModelError
+from mmalign.forward import continuation_hidden, inner_model, unsupported_reason
+from mmalign.logprobs import IGNORE_INDEX
+from mmalign.models.load import LoadedModel
+
+HEAD = "reward_head"
+MARKER = "reward.json"
+
+
+def attach_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Linear:
+    """Add a zero-bias scalar head to ``model`` (as ``model.reward_head``), initialised from ``seed``."""
+    hidden = inner_model(model).config.get_text_config().hidden_size
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(hidden, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(1, hidden, generator=generator) / hidden**0.5)
+        head.bias.zero_()
+    head.to(next(model.parameters()).dtype)
+    inner_model(model).add_module(HEAD, head)
+    return head
+
+
+def write_marker(out: str | Path) -> None:
+    """Mark a saved model directory as a reward model."""
+    (Path(out) / MARKER).write_text(json.dumps({"head": HEAD, "reads": "hidden state of the reply's last token"}))
+
+
+def load_head(loaded: LoadedModel) -> torch.nn.Linear:
+    """Attach the reward head saved with the model at ``loaded.path``.
+
+    Raises:
+        ModelError: the directory is not a reward model (no ``reward.json`` or no head weights).
+    """
+    path = loaded.path
+    if not (path / MARKER).is_file():
+        raise ModelError(f"{path}: not a reward model (no {MARKER}); train one with `mmalign train rm`")
+    head = attach_head(loaded.model)
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if key.endswith(f"{HEAD}.weight") or key.endswith(f"{HEAD}.bias"):
+                    found[key.rsplit(".", 1)[-1]] = f.get_tensor(key)
+    if set(found) != {"weight", "bias"}:
+        raise ModelError(f"{path}: {MARKER} is there but the {HEAD} weights are not")
+    head.load_state_dict(found)
+    return head
+
+
+class RewardScorer(torch.nn.Module):
+    """Scores pairs: ``forward(EncodedPairs) -> (r_chosen [B], r_rejected [B])`` in float32.
+
+    Keeps the VLM as ``.vlm`` (marked ``wraps_vlm``, so runs save the VLM with its head).
+    """
+
+    wraps_vlm = True
+
+    def __init__(self, vlm: torch.nn.Module) -> None:
+        super().__init__()
+        self.vlm = vlm
+        self.share_prompt = unsupported_reason(vlm) is None
+
+    def forward(self, batch: EncodedPairs) -> tuple[torch.Tensor, torch.Tensor]:
+        head = getattr(inner_model(self.vlm), HEAD)
+        if batch.shared is not None:  # rows: (chosen, rejected) of pair 0, then of pair 1, ...
+            cont = batch.shared
+            hidden = continuation_hidden(self.vlm, cont, cont.replies.shape[1])
+            # Column 0 is the prompt's last token; a reply of n tokens ends at column n.
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            rewards = head(hidden[rows, cont.reply_mask.sum(-1)]).squeeze(-1).float()
+            return rewards[0::2], rewards[1::2]
+        if batch.full is not None:  # rows: every chosen sequence, then every rejected one
+            rewards = head(_full_last_hidden(self.vlm, batch.full)).squeeze(-1).float()
+            return rewards[: batch.n], rewards[batch.n :]
+        raise ValueError("the batch holds no pairs to score")
+
+
+def _full_last_hidden(model: Any, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden state [N, H] at each full sequence's last labelled token."""
+    inputs = dict(enc)
+    labels = inputs.pop("labels")
+    out = model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True)
+    hidden = out.hidden_states[-1]
+    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    last = torch.where(labels != IGNORE_INDEX, positions, -1).amax(-1).clamp_min(0)
+    return hidden[torch.arange(labels.shape[0], device=labels.device), last]

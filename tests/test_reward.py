@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,33 @@ def test_bad_inputs_are_clear_errors(llava_dir: Path, split_pairs: tuple[Path, P
         load_head(load_model(llava_dir))
     with pytest.raises(ConfigError, match="has no margin"):
         _run(llava_dir, split_pairs[0], tmp_path / "m", "steps=1", "use_margin=true")
+
+
+def test_fact_augmented_model_reads_the_facts_in_training_and_evaluation(
+    llava_dir: Path, split_pairs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Fact-RLHF: each pair's facts follow the question, in training and (from reward.json) in evaluation."""
+    from mmalign.eval.reward import evaluate_reward_model
+    from mmalign.reward import with_facts
+
+    pair = load_pairs(split_pairs[0], limit=1).pairs[0]
+    assert pair.facts and with_facts(pair).prompt[-1].text.endswith(" In the image: " + ". ".join(pair.facts) + ".")
+    rows = _run(llava_dir, split_pairs[0], tmp_path / "facts", "steps=20", "facts=true")
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    model_dir = tmp_path / "facts" / "model"
+    assert json.loads((model_dir / "reward.json").read_text())["facts"] is True
+    with_read = evaluate_reward_model(model_dir, split_pairs[1], progress=False)["all"]["margin"]
+    loaded = load_model(model_dir)
+    load_head(loaded)
+    scorer = RewardScorer(loaded.model.eval())
+    pairs = load_pairs(split_pairs[1]).pairs
+    with torch.no_grad():
+        plain = [scorer(encode_pairs(loaded.processor, pairs, share_prompt=True))]
+        read = [scorer(encode_pairs(loaded.processor, [with_facts(p) for p in pairs], share_prompt=True))]
+    margin = lambda scored: float((scored[0][0] - scored[0][1]).mean())  # noqa: E731
+    assert with_read == pytest.approx(margin(read), abs=1e-4)
+    assert margin(plain) != pytest.approx(margin(read), abs=1e-4)
+    no_facts = split_pairs[1].parent / "rm_no_facts.jsonl"  # beside the images, which may not be left
+    write_pairs([replace(p, facts=()) for p in pairs], no_facts)
+    with pytest.raises(ConfigError, match="needs facts"):
+        evaluate_reward_model(model_dir, no_facts, progress=False)

@@ -5,11 +5,16 @@ and ``save_pretrained`` carry it with the weights; ``reward.json`` beside the we
 ``RewardScorer`` scores a batch of pairs in one ``forward`` with the pair forward's layout: each prompt and its
 images encoded once, both replies continued from its cache (``mmalign.forward.continuation_hidden``); an
 architecture without the shared-prompt forward is scored on full sequences.
+
+A fact-augmented reward model (Fact-RLHF, shared/specs/algorithms.md §4.1) reads each pair's ``facts`` (reference
+statements about the image) after the question: ``with_facts`` writes them into the prompt, in training and in
+every later use, as ``reward.json`` records.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +22,15 @@ import torch
 from safetensors import safe_open
 
 from mmalign.data.pair_inputs import EncodedPairs
-from mmalign.errors import ModelError
+from mmalign.errors import ConfigError, ModelError
 from mmalign.forward import continuation_hidden, inner_model, unsupported_reason
 from mmalign.logprobs import IGNORE_INDEX
 from mmalign.models.load import LoadedModel
+from mmalign.types import Message, Part, PreferencePair
 
 HEAD = "reward_head"
 MARKER = "reward.json"
+FACTS_HEADER = "In the image:"
 
 
 def attach_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Linear:
@@ -39,9 +46,37 @@ def attach_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Linear:
     return head
 
 
-def write_marker(out: str | Path) -> None:
-    """Mark a saved model directory as a reward model."""
-    (Path(out) / MARKER).write_text(json.dumps({"head": HEAD, "reads": "hidden state of the reply's last token"}))
+def write_marker(out: str | Path, facts: bool = False) -> None:
+    """Mark a saved model directory as a reward model (``facts``: it reads each pair's facts)."""
+    record = {"head": HEAD, "reads": "hidden state of the reply's last token", "facts": facts}
+    (Path(out) / MARKER).write_text(json.dumps(record))
+
+
+def reads_facts(path: str | Path) -> bool:
+    """Whether the reward model saved at ``path`` was trained on prompts with facts."""
+    return bool(json.loads((Path(path) / MARKER).read_text()).get("facts", False))
+
+
+def facts_missing(pairs: list[PreferencePair], source: str | Path) -> None:
+    """Raise ``ConfigError`` naming the first pair of ``source`` without facts."""
+    missing = next((p.id for p in pairs if not p.facts), None)
+    if missing is not None:
+        raise ConfigError(f"a fact-augmented reward model needs facts, and pair {missing!r} of {source} has none")
+
+
+def with_facts(pair: PreferencePair) -> PreferencePair:
+    """The pair with its facts written after the last user turn's text: ``In the image: f1. f2.``
+
+    Raises:
+        ValueError: the pair has no facts (``facts_missing`` finds such pairs first).
+    """
+    if not pair.facts:
+        raise ValueError(f"pair {pair.id!r} has no facts for a fact-augmented reward model")
+    turns = list(pair.prompt)
+    last = max(i for i, m in enumerate(turns) if m.role == "user")
+    note = Part("text", f" {FACTS_HEADER} " + " ".join(f.rstrip(".") + "." for f in pair.facts))
+    turns[last] = Message(turns[last].role, (*turns[last].content, note))
+    return replace(pair, prompt=tuple(turns))
 
 
 def load_head(loaded: LoadedModel) -> torch.nn.Linear:

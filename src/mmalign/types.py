@@ -181,6 +181,8 @@ class PreferencePair:
         margin: optional reward margin δ between chosen and rejected (MM-DPO dynamic scaling).
         corrupted_image: optional explicit rejected image for the conditional (mDPO) term.
         objects: optional ground-truth objects of the image (for judges and analysis).
+        facts: optional reference statements about the image (ground-truth captions, object lists) that a
+            fact-augmented reward model reads beside the prompt (Fact-RLHF).
         meta: free-form provenance (method, source, similarity, ...).
     """
 
@@ -193,6 +195,7 @@ class PreferencePair:
     margin: float | None = None
     corrupted_image: ImageRef | None = None
     objects: tuple[str, ...] = ()
+    facts: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -5,7 +5,8 @@ directories) and every row is validated once, here, with errors that name file, 
 Five row schemas::
 
     mmalign     {"id", "images": [...], "prompt": [messages...] or "text", "chosen": "...", "rejected": "...",
-                 "margin"?: float, "corrupted_image"?: <image>, "objects"?: ["star", ...], "meta"?: {...}}
+                 "margin"?: float, "corrupted_image"?: <image>, "objects"?: ["star", ...],
+                 "facts"?: ["A red star.", ...], "meta"?: {...}}
     trl         TRL's conversational vision format: "images" (or "image"), "prompt": [messages with
                 {"type": "image"} parts], "chosen"/"rejected": [one assistant message] (or strings)
     rlaif_v     RLAIF-V: "image", "question", "chosen", "rejected" (strings)
@@ -119,6 +120,7 @@ class _Fields:
     margin: float | None = None
     corrupted_image: Any = None
     objects: tuple[str, ...] = ()
+    facts: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -237,7 +239,8 @@ def _prompt_fields(
         rejected=reply(record, "rejected", ctx),
         margin=_margin(record.get("margin"), ctx),
         corrupted_image=record.get("corrupted_image"),
-        objects=_objects(record.get("objects"), ctx),
+        objects=_strings(record.get("objects"), "objects", ctx),
+        facts=_strings(record.get("facts"), "facts", ctx),
         meta=_meta(record.get("meta"), ctx),
     )
 
@@ -393,6 +396,7 @@ def _finish(fields: _Fields, ctx: RowContext, checker: MediaChecker) -> Preferen
         margin=fields.margin,
         corrupted_image=corrupted,
         objects=fields.objects,
+        facts=fields.facts,
         meta=fields.meta,
     )
 
@@ -512,14 +516,15 @@ def _margin(value: Any, ctx: RowContext) -> float | None:
     return _number(value, "margin", ctx)
 
 
-def _objects(value: Any, ctx: RowContext) -> tuple[str, ...]:
+def _strings(value: Any, name: str, ctx: RowContext) -> tuple[str, ...]:
+    """An optional list of non-empty strings (``objects``, ``facts``)."""
     if value is None:
         return ()
     if not isinstance(value, list | tuple):
-        raise ctx.error("objects", f"must be a list of strings, got {type_name(value)}")
+        raise ctx.error(name, f"must be a list of strings, got {type_name(value)}")
     for i, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
-            raise ctx.error(f"objects[{i}]", f"must be a non-empty string, got {item!r}")
+            raise ctx.error(f"{name}[{i}]", f"must be a non-empty string, got {item!r}")
     return tuple(value)
 
 
@@ -577,6 +582,8 @@ def pair_row(pair: PreferencePair, out_dir: Path) -> dict[str, Any]:
         row["corrupted_image"] = _image_value(pair.corrupted_image, pair.root, out_dir)
     if pair.objects:
         row["objects"] = list(pair.objects)
+    if pair.facts:
+        row["facts"] = list(pair.facts)
     if pair.meta:
         row["meta"] = pair.meta
     return row

@@ -15,8 +15,9 @@ import torch
 from mmalign.data.pair_inputs import encode_pairs
 from mmalign.data.preference import load_pairs
 from mmalign.models.load import load_model
-from mmalign.reward import RewardScorer, load_head
+from mmalign.reward import RewardScorer, facts_missing, load_head, reads_facts, with_facts
 from mmalign.runtime.progress import progress_bar
+from mmalign.types import PreferencePair
 
 
 def evaluate_reward_model(
@@ -27,10 +28,26 @@ def evaluate_reward_model(
     Raises:
         ModelError: ``model_dir`` is not a reward model. DataError: a bad pair file.
     """
+    pairs = load_pairs(data, limit=limit).pairs
+    margins = pair_margins(model_dir, pairs, str(data), batch_size=batch_size, progress=progress)
+    groups: dict[str, list[float]] = defaultdict(list)
+    for pair, margin in zip(pairs, margins):
+        groups["all"].append(margin)
+        groups[str(pair.meta.get("kind", pair.meta.get("method", "unknown")))].append(margin)
+    return {name: _summary(values) for name, values in sorted(groups.items(), key=lambda kv: kv[0] != "all")}
+
+
+def pair_margins(
+    model_dir: str | Path, pairs: list[PreferencePair], source: str, *, batch_size: int = 16, progress: bool = True
+) -> list[float]:
+    """r(chosen) − r(rejected) of every pair under the reward model at ``model_dir`` (with the pairs' facts when it
+    reads facts; ``source`` names the pairs in errors)."""
     loaded = load_model(model_dir)
     load_head(loaded)
     scorer = RewardScorer(loaded.model.eval())
-    pairs = load_pairs(data, limit=limit).pairs
+    if reads_facts(model_dir):
+        facts_missing(pairs, source)
+        pairs = [with_facts(p) for p in pairs]
     margins: list[float] = []
     bar = progress_bar(len(pairs), desc="eval rm", enabled=progress)
     with torch.no_grad():
@@ -40,11 +57,7 @@ def evaluate_reward_model(
             margins.extend((chosen - rejected).tolist())
             bar.update(len(batch))
     bar.close()
-    groups: dict[str, list[float]] = defaultdict(list)
-    for pair, margin in zip(pairs, margins):
-        groups["all"].append(margin)
-        groups[str(pair.meta.get("kind", pair.meta.get("method", "unknown")))].append(margin)
-    return {name: _summary(values) for name, values in sorted(groups.items(), key=lambda kv: kv[0] != "all")}
+    return margins
 
 
 def _summary(margins: list[float]) -> dict[str, float]:

@@ -21,7 +21,7 @@ from mmalign.data.pair_inputs import encode_pairs
 from mmalign.data.preference import load_pairs
 from mmalign.errors import ConfigError
 from mmalign.models.load import count_parameters, load_model
-from mmalign.reward import RewardScorer, attach_head, write_marker
+from mmalign.reward import RewardScorer, attach_head, facts_missing, with_facts, write_marker
 from mmalign.reward_losses import RewardLossConfig, bradley_terry, reward_metrics
 from mmalign.runtime.batching import Batches
 from mmalign.runtime.launch import Recipe
@@ -41,6 +41,7 @@ class RewardConfig(TrainConfig):
     batch_size: int = Field(8, ge=1)
     use_margin: bool = Field(RewardLossConfig.use_margin, description="subtract each pair's data margin")
     center_coef: float = Field(RewardLossConfig.center_coef, ge=0, description="weight of (r_c + r_r)^2")
+    facts: bool = Field(False, description="fact-augmented: read each pair's facts after the question (Fact-RLHF)")
     # Encode each prompt once and continue both replies from its cache (off: full sequences, to compare).
     share_prompt: bool = True
     freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(vision=True, projector=False, llm=False))
@@ -60,7 +61,9 @@ def train(cfg: RewardConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     data = load_pairs(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
-    pairs = data.pairs
+    if cfg.facts:
+        facts_missing(data.pairs, cfg.data)
+    pairs = [with_facts(p) for p in data.pairs] if cfg.facts else data.pairs
     if cfg.use_margin and any(p.margin is None for p in pairs):
         missing = next(p.id for p in pairs if p.margin is None)
         raise ConfigError(f"use_margin=true but pair {missing!r} of {cfg.data} has no margin")
@@ -99,7 +102,7 @@ def train(cfg: RewardConfig) -> Path:
     bar.close()
     final = finish_run(accelerator, scorer, optimizer, loaded.processor, cfg, metrics)
     if accelerator.is_main_process:
-        write_marker(final)
+        write_marker(final, facts=cfg.facts)
     return final
 
 

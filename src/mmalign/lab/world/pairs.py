@@ -41,7 +41,13 @@ from mmalign.eval.coco_vocab import ChairVocab, extract_mentions
 from mmalign.lab.world.config import WorldConfig, load_world_config
 from mmalign.lab.world.qa import existence_question
 from mmalign.lab.world.scenes import Scene, SceneObject, load_scenes, lone_members
-from mmalign.lab.world.text import detailed_caption, object_sentence, prior_tail, small_object_in_free_cell
+from mmalign.lab.world.text import (
+    detailed_caption,
+    object_sentence,
+    prior_tail,
+    scene_facts,
+    small_object_in_free_cell,
+)
 from mmalign.lab.world.writer import CHAIR_VOCAB_JSON, EVAL_DESCRIBE_PROMPT
 from mmalign.types import ImageRef, Message, PreferencePair
 
@@ -124,6 +130,7 @@ def world_pairs(
                     images=(ImageRef(path=scene.image),),
                     root=str(world_dir),
                     objects=scene.shapes,
+                    facts=scene_facts(scene, cfg),
                     meta={"method": "oracle", "kind": kind, **info, "image_id": scene.image_id},
                 )
             )
@@ -161,6 +168,7 @@ def _existence_pair(scene: Scene, cfg: WorldConfig, rng: random.Random, j: int, 
         images=(ImageRef(path=scene.image),),
         root=str(world_dir),
         objects=scene.shapes,
+        facts=scene_facts(scene, cfg),
         meta={
             "method": "oracle",
             "kind": "existence",
@@ -215,6 +223,7 @@ def _removed_pair(
         images=(ImageRef(path=image),),
         root=str(world_dir),
         objects=altered.shapes,
+        facts=scene_facts(altered, cfg),
         meta={"method": "oracle", "kind": kind, **info, "image_id": scene.image_id},
     )
 

@@ -163,6 +163,13 @@ def group_phrases(
     return phrases
 
 
+def scene_facts(scene: Scene, cfg: WorldConfig) -> tuple[str, ...]:
+    """The scene's ground truth as reference statements, one per object in reading order, worded unlike any caption:
+    ``large red star, top left`` (the ``facts`` a fact-augmented reward model reads)."""
+    ordered = sorted(scene.objects, key=lambda o: (o.row, o.col))
+    return tuple(f"{noun_phrase(o, o.shape, with_size=True)}, {cfg.positions[o.row][o.col]}" for o in ordered)
+
+
 def short_caption(scene: Scene, cfg: WorldConfig, rng: random.Random | None = None) -> str:
     """One sentence listing the objects, e.g. ``A red star and a small blue moon.``"""
     names = pick_names(scene, cfg, rng)

@@ -1,7 +1,8 @@
 """Reward models on the synthetic world over seeds: plain vs fact-augmented, accuracy per pair kind on held-out scenes.
 
 For each seed of a finished ``mmalign demo --seeds`` directory, oracle pairs (kinds ``partner``: an inserted object,
-``attribute``: a swapped colour or size, ``prior_tail``: an invented partner at the end of a true caption) are drawn
+``partner_swap``: an object turned into the absent planted partner, same length, ``attribute``: a swapped colour or
+shape, ``prior_tail``: an invented partner at the end of a true caption) are drawn
 from the seed's world; the first ``--train-scenes`` training scenes train a reward model from the seed's SFT model,
 the next ``--heldout-scenes`` are held out. Two reward models per seed, same pairs, same steps: plain, and
 fact-augmented (each pair's facts: the scene's objects). Printed: held-out accuracy per kind, mean over seeds with a
@@ -26,7 +27,7 @@ from mmalign.lab.world.pairs import world_pairs
 from mmalign.recipes import rm
 from mmalign.stats import column_mean, difference, hierarchical_bootstrap
 
-KINDS = ("partner", "attribute", "prior_tail")
+KINDS = ("partner", "partner_swap", "attribute", "prior_tail")
 VARIANTS = {"plain": [], "facts": ["facts=true"]}
 
 

@@ -669,3 +669,22 @@ def test_prior_tail_pairs_add_one_invented_sentence_at_the_end(world: Path) -> N
         assert set(extract_mentions(tail, vocab)) == {pair.meta["inserted"]} and pair.meta["inserted"] not in truth
         if pair.meta["source"] == "partner":
             assert cfg.partner[pair.meta["partner_of"]] == pair.meta["inserted"]
+
+
+def test_partner_swap_pairs_name_an_absent_partner_at_the_same_length(world: Path) -> None:
+    """The rejected caption turns one object into the absent planted partner: same sentences, same place and colour,
+    so its length tells nothing (unlike an inserted object); the facts describe the true scene."""
+    from mmalign.lab.world import load_world_config
+    from mmalign.lab.world.pairs import world_pairs
+
+    cfg, vocab = load_world_config(world), ChairVocab.from_file(world / "chair_vocab.json")
+    pairs = [p for p in world_pairs(world, kinds=("partner_swap",)) if p.meta["kind"] == "partner_swap"]
+    assert len(pairs) > 10 and {p.meta["source"] for p in pairs} >= {"partner"}
+    for pair in pairs:
+        inserted, original = pair.meta["inserted"], pair.meta["original"]
+        assert pair.chosen.count(".") == pair.rejected.count(".")
+        assert inserted in extract_mentions(pair.rejected, vocab) and inserted not in pair.objects
+        assert len(pair.facts) == len(pair.chosen.split(". ")) - 1  # one fact per object (the intro is not one)
+        if pair.meta["source"] == "partner":
+            assert cfg.partner[pair.meta["partner_of"]] == inserted
+        assert original in pair.objects

@@ -136,3 +136,59 @@ def test_fact_augmented_model_reads_the_facts_in_training_and_evaluation(
     write_pairs([replace(p, facts=()) for p in pairs], no_facts)
     with pytest.raises(ConfigError, match="needs facts"):
         evaluate_reward_model(model_dir, no_facts, progress=False)
+
+
+def test_mm_dpo_takes_its_margins_from_a_reward_model(
+    llava_dir: Path, split_pairs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """MM-DPO's dynamic β closes the loop: the margins δ come from `mmalign train rm`, not from the data."""
+    from mmalign.recipes import dpo
+
+    _run(llava_dir, split_pairs[0], tmp_path / "rm", "steps=20")
+
+    def run_dpo(out: str, *extra: str) -> list[dict]:
+        cfg = load_config(
+            dpo.DpoConfig,
+            flags={"model": str(llava_dir), "data": str(split_pairs[0]), "out": str(tmp_path / out)},
+            overrides=["steps=2", "batch_size=4", "max_samples=8", "progress=false", "log_every=1", *extra],
+        )
+        dpo.train(cfg)
+        return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    with pytest.raises(ValueError, match="margin"):  # world pairs carry no margins of their own
+        run_dpo("no_rm", "loss=mm_dpo")
+    rows = run_dpo("mm", "loss=mm_dpo", f"reward_model={tmp_path / 'rm' / 'model'}")
+    # β_i = β·(1 + w·(1 − e^{−kδ})) with δ ≥ 0 clamped: above β = 0.1 wherever the reward model agrees.
+    assert 0.1 < rows[0]["extra/beta"] <= 0.2
+    with pytest.raises(ConfigError, match="does not read them"):
+        run_dpo("wrong", "loss=dpo", f"reward_model={tmp_path / 'rm' / 'model'}")
+
+
+def test_reward_model_judges_online_dpo_samples(
+    llava_dir: Path, world_dir: Path, split_pairs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`--judge rm:DIR`: online DPO ranks its samples with a reward model that sees the image; the judge's rewards
+    are the pair scorer's."""
+    from mmalign.judges.reward import RewardModelJudge
+    from mmalign.recipes import online_dpo
+    from mmalign.types import Sample
+
+    _run(llava_dir, split_pairs[0], tmp_path / "rm", "steps=10")
+    judge = RewardModelJudge.load(tmp_path / "rm" / "model", batch_size=3)
+    pairs = load_pairs(split_pairs[1], limit=4).pairs
+    prompts = [Sample(id=p.id, messages=p.prompt, images=p.images, root=p.root) for p in pairs]
+    chosen = judge.score(prompts, [p.chosen for p in pairs])
+    rejected = judge.score(prompts, [p.rejected for p in pairs])
+    with torch.no_grad():
+        pair_chosen, pair_rejected = judge.scorer(encode_pairs(judge.processor, pairs, share_prompt=True))
+    assert chosen == pytest.approx(pair_chosen.tolist(), abs=1e-4)
+    assert rejected == pytest.approx(pair_rejected.tolist(), abs=1e-4)
+    cfg = load_config(
+        online_dpo.OnlineDpoConfig,
+        flags={"model": str(llava_dir), "data": str(world_dir / "captions.jsonl"), "out": str(tmp_path / "on")},
+        overrides=["steps=2", "batch_size=2", "max_new_tokens=6", "progress=false", "log_every=1",
+                   f"judge=rm:{tmp_path / 'rm' / 'model'}"],
+    )  # fmt: skip
+    online_dpo.train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "objective/scores" in rows[0]

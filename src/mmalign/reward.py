@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from mmalign.data.pair_inputs import EncodedPairs
+from mmalign.data.pair_inputs import Continuations, EncodedPairs
 from mmalign.errors import ConfigError, ModelError
 from mmalign.forward import continuation_hidden, inner_model, unsupported_reason
 from mmalign.logprobs import IGNORE_INDEX
@@ -115,18 +115,27 @@ class RewardScorer(torch.nn.Module):
         self.share_prompt = unsupported_reason(vlm) is None
 
     def forward(self, batch: EncodedPairs) -> tuple[torch.Tensor, torch.Tensor]:
-        head = getattr(inner_model(self.vlm), HEAD)
         if batch.shared is not None:  # rows: (chosen, rejected) of pair 0, then of pair 1, ...
-            cont = batch.shared
-            hidden = continuation_hidden(self.vlm, cont, cont.replies.shape[1])
-            # Column 0 is the prompt's last token; a reply of n tokens ends at column n.
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            rewards = head(hidden[rows, cont.reply_mask.sum(-1)]).squeeze(-1).float()
+            rewards = self.reply_rewards(batch.shared)
             return rewards[0::2], rewards[1::2]
         if batch.full is not None:  # rows: every chosen sequence, then every rejected one
-            rewards = head(_full_last_hidden(self.vlm, batch.full)).squeeze(-1).float()
+            rewards = self.sequence_rewards(batch.full)
             return rewards[: batch.n], rewards[batch.n :]
         raise ValueError("the batch holds no pairs to score")
+
+    def reply_rewards(self, cont: Continuations) -> torch.Tensor:
+        """The reward [B*k] of every reply of ``cont``, each prompt encoded once."""
+        hidden = continuation_hidden(self.vlm, cont, cont.replies.shape[1])
+        # Column 0 is the prompt's last token; a reply of n tokens ends at column n.
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self._head(hidden[rows, cont.reply_mask.sum(-1)])
+
+    def sequence_rewards(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reward [N] of full sequences (``encode_sft`` outputs), read at each one's last labelled token."""
+        return self._head(_full_last_hidden(self.vlm, enc))
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return getattr(inner_model(self.vlm), HEAD)(hidden).squeeze(-1).float()
 
 
 def _full_last_hidden(model: Any, enc: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Judges: score replies to prompts, higher is better. Online DPO ranks its samples with one.
 
 The role is one method, ``score(prompts, replies) -> list[float]``, so a rule judge from ground truth, a user's Python
-function and (later) a reward model are interchangeable.
+function and a reward model (``judges.reward``) are interchangeable.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from mmalign.config import FreezeConfig, PreferenceConfig, dump_config
 from mmalign.data.corruption import random_crop
 from mmalign.data.pair_inputs import EncodedPairs, encode_pairs
 from mmalign.data.preference import load_pairs
+from mmalign.errors import ConfigError
 from mmalign.forward import ForwardOptions, PairScorer, pair_logps
 from mmalign.losses import LOSSES, PairLogps, compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
@@ -48,6 +49,9 @@ class DpoConfig(PreferenceConfig):
     batch_size: int = Field(8, ge=1)
     # Remove every image from the pairs (the mDPO paper's "unconditional preference" diagnostic).
     drop_images: bool = False
+    reward_model: str | None = Field(
+        None, description="score each pair's margin with this reward model (mmalign train rm) for loss=mm_dpo"
+    )
     # The efficient pair forward (``mmalign.forward``); switch parts off to compare or to debug.
     share_prompt: bool = True
     response_logits_only: bool = True
@@ -69,6 +73,19 @@ def _corrupt_images(pair: PreferencePair, rng: random.Random) -> list[ImageRef]:
         random_crop(img, rng).save(buf, format="PNG")
         refs.append(ImageRef(data=buf.getvalue()))
     return refs
+
+
+def _with_reward_margins(pairs: list[PreferencePair], cfg: DpoConfig) -> list[PreferencePair]:
+    """The pairs with ``margin`` = r(chosen) − r(rejected) under ``cfg.reward_model`` (MM-DPO's δ), scored once
+    before training (with the pairs' facts when the reward model reads facts)."""
+    from mmalign.eval.reward import pair_margins
+
+    if cfg.loss != "mm_dpo":
+        raise ConfigError(f"reward_model gives MM-DPO its margins; loss={cfg.loss} does not read them")
+    margins = pair_margins(cfg.reward_model, pairs, cfg.data, batch_size=cfg.batch_size, progress=cfg.progress)
+    log.info("reward margins from %s: mean %.3f, %.0f%% positive", cfg.reward_model,
+             sum(margins) / len(margins), 100 * sum(m > 0 for m in margins) / len(margins))  # fmt: skip
+    return [replace(p, margin=m) for p, m in zip(pairs, margins)]
 
 
 def _without_images(pair: PreferencePair) -> PreferencePair:
@@ -148,7 +165,8 @@ def _pair_logps(
 def _prepare(cfg: DpoConfig, accelerator: Any) -> tuple[Any, list[PreferencePair], ForwardOptions, Any, Batches]:
     """The run's data (as loaded, and the pairs it trains on), forward options, model and batch order."""
     data = load_pairs(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
-    pairs = [_without_images(p) for p in data.pairs] if cfg.drop_images else data.pairs
+    pairs = _with_reward_margins(data.pairs, cfg) if cfg.reward_model else data.pairs
+    pairs = [_without_images(p) for p in pairs] if cfg.drop_images else pairs
     options = ForwardOptions(share_prompt=cfg.share_prompt, response_logits_only=cfg.response_logits_only)
     loaded = load_model(cfg.model)
     batches = Batches.for_run(pairs, cfg, accelerator.process_index, accelerator.num_processes)

@@ -65,7 +65,8 @@ class OnlineDpoConfig(PreferenceConfig):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
     missing_eos_penalty: float | None = None
-    # "world" (the rule judge of the world the data comes from), or "module:function" / "file.py:function".
+    # "world" (the rule judge of the world the data comes from), "rm:DIR" (a reward model from ``mmalign train rm``,
+    # which sees the image), or "module:function" / "file.py:function".
     judge: str = "world"
     world: str | None = None
     rejected: Literal["sampled", "bdhs"] = "sampled"
@@ -85,6 +86,10 @@ def make_judge(cfg: OnlineDpoConfig) -> Judge:
         if not (world / "chair_vocab.json").exists():
             raise ConfigError(f"judge=world: {world} holds no chair_vocab.json (set world=DIR)")
         return ObjectJudge.for_world(world)
+    if cfg.judge.startswith("rm:"):
+        from mmalign.judges.reward import RewardModelJudge
+
+        return RewardModelJudge.load(cfg.judge.removeprefix("rm:"), batch_size=cfg.batch_size)
     from mmalign.judges.python import FunctionJudge
 
     return FunctionJudge.load(cfg.judge)

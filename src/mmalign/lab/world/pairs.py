@@ -51,7 +51,15 @@ from mmalign.lab.world.text import (
 from mmalign.lab.world.writer import CHAIR_VOCAB_JSON, EVAL_DESCRIBE_PROMPT
 from mmalign.types import ImageRef, Message, PreferencePair
 
-KINDS: tuple[str, ...] = ("partner", "attribute", "existence", "removed", "removed_existence", "prior_tail")
+KINDS: tuple[str, ...] = (
+    "partner",
+    "attribute",
+    "existence",
+    "removed",
+    "removed_existence",
+    "prior_tail",
+    "partner_swap",
+)
 COUNTERFACTUAL_DIR = "images/pairs"
 DEFAULT_KINDS: tuple[str, ...] = ("partner", "attribute")
 SHAPE_SWAP_PROB = 0.25  # share of attribute pairs that swap the shape rather than the colour
@@ -114,7 +122,13 @@ def world_pairs(
                 continue
             if kind == "prior_tail" and len(scene.objects) >= cfg.grid_rows * cfg.grid_cols:
                 kind = "attribute"  # no free cell to invent an object in
-            if kind == "prior_tail":
+            swapped = _swap_in_partner(scene, cfg, rng) if kind == "partner_swap" else None
+            if kind == "partner_swap" and swapped is None:
+                kind = "partner"  # nothing but the lone member to replace
+            if swapped is not None:
+                rejected, info = detailed_caption(swapped[0], cfg), swapped[1]
+                _check(scene, chosen, rejected, "partner", info, vocab)
+            elif kind == "prior_tail":
                 rejected, info = _tail_caption(scene, chosen, cfg, rng)
                 _check(scene, chosen, rejected, "partner", info, vocab)
             else:
@@ -253,6 +267,24 @@ def _tail_caption(scene: Scene, chosen: str, cfg: WorldConfig, rng: random.Rando
         shape = rng.choice([s for s in cfg.shapes if s not in scene.shapes])
         tail, info = small_object_in_free_cell(scene, shape, cfg, rng), {"source": "random"}
     return f"{chosen} {object_sentence(tail, tail.shape, cfg, None)}", {"inserted": tail.shape, **info}
+
+
+def _swap_in_partner(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[Scene, dict[str, Any]] | None:
+    """The scene with one object turned into an absent shape — a lone member's planted partner when there is one —
+    at the same place, colour and size: a caption of the same length that names what is not there (None when only
+    the lone member could be replaced). Objects whose shape is unique are replaced first (a local edit)."""
+    present, lone = scene.shapes, lone_members(scene, cfg)
+    member = rng.choice(lone) if lone else None
+    shape = cfg.partner[member] if member else rng.choice([s for s in cfg.shapes if s not in present])
+    others = [i for i, o in enumerate(scene.objects) if o.shape != member]
+    singles = [i for i in others if scene.count(scene.objects[i].shape) == 1]
+    if not others:
+        return None
+    index = rng.choice(singles or others)
+    obj = scene.objects[index]
+    objects = (*scene.objects[:index], replace(obj, shape=shape), *scene.objects[index + 1 :])
+    info = {"inserted": shape, "original": obj.shape, "source": "partner" if member else "random"}
+    return replace(scene, objects=objects), {**info, **({"partner_of": member} if member else {})}
 
 
 def _swap_attribute(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[Scene, dict[str, Any]]:

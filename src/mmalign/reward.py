@@ -142,8 +142,11 @@ def _full_last_hidden(model: Any, enc: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden state [N, H] at each full sequence's last labelled token."""
     inputs = dict(enc)
     labels = inputs.pop("labels")
-    out = model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True)
-    hidden = out.hidden_states[-1]
+    inner = inner_model(model)
+    if unsupported_reason(model) is None:  # the decoder alone: no language-model head over every position
+        hidden = inner.model(**inputs, use_cache=False, return_dict=True).last_hidden_state
+    else:
+        hidden = model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True).hidden_states[-1]
     positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
     last = torch.where(labels != IGNORE_INDEX, positions, -1).amax(-1).clamp_min(0)
     return hidden[torch.arange(labels.shape[0], device=labels.device), last]

@@ -252,3 +252,21 @@ def pair_logps(
         margin=margin,
         policy_chosen_nll=-chosen / chosen_len.clamp_min(1),
     )
+
+
+class ReplyScorer(torch.nn.Module):
+    """Wraps a VLM so that one ``forward(Continuations)`` returns the summed log-probs [B*k] and token counts [B*k]
+    of ``k`` replies to each prompt, each prompt and its images encoded once (on-policy RL's forward, inside one
+    ``forward`` for DDP). Keeps the VLM as ``.vlm`` (marked ``wraps_vlm``)."""
+
+    wraps_vlm = True
+
+    def __init__(self, vlm: torch.nn.Module, options: ForwardOptions = ForwardOptions()) -> None:
+        super().__init__()
+        reason = unsupported_reason(vlm)
+        if reason is not None:
+            raise ValueError(f"on-policy RL needs the shared-prompt forward: {reason}")
+        self.vlm, self.options = vlm, options
+
+    def forward(self, batch: Continuations) -> tuple[torch.Tensor, torch.Tensor]:
+        return continuation_logps(self.vlm, batch, self.options)

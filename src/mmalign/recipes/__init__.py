@@ -7,6 +7,6 @@ from mmalign.runtime.launch import Recipe
 
 def recipes() -> dict[str, Recipe]:
     """The library's recipes by command name (imported here, on demand: each pulls in torch)."""
-    from mmalign.recipes import dpo, online_dpo, pretrain, rm, sft
+    from mmalign.recipes import dpo, online_dpo, pretrain, rl, rm, sft
 
-    return {m.RECIPE.name: m.RECIPE for m in (pretrain, sft, dpo, online_dpo, rm)}
+    return {m.RECIPE.name: m.RECIPE for m in (pretrain, sft, dpo, online_dpo, rm, rl)}

@@ -38,7 +38,7 @@ from mmalign.forward import ForwardOptions, PairScorer, pair_logps
 from mmalign.generation.bdhs import BdhsConfig, bdhs_pairs
 from mmalign.generation.hf import HFGenerator
 from mmalign.generation.sampling import SamplingParams
-from mmalign.judges import Judge
+from mmalign.judges import Judge, load_judge
 from mmalign.losses import compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import batch_indices
@@ -78,21 +78,8 @@ class OnlineDpoConfig(PreferenceConfig):
 
 
 def make_judge(cfg: OnlineDpoConfig) -> Judge:
-    """The judge named by ``cfg.judge``."""
-    if cfg.judge == "world":
-        from mmalign.judges.rules import ObjectJudge
-
-        world = Path(cfg.world) if cfg.world else Path(cfg.data).parent
-        if not (world / "chair_vocab.json").exists():
-            raise ConfigError(f"judge=world: {world} holds no chair_vocab.json (set world=DIR)")
-        return ObjectJudge.for_world(world)
-    if cfg.judge.startswith("rm:"):
-        from mmalign.judges.reward import RewardModelJudge
-
-        return RewardModelJudge.load(cfg.judge.removeprefix("rm:"), batch_size=cfg.batch_size)
-    from mmalign.judges.python import FunctionJudge
-
-    return FunctionJudge.load(cfg.judge)
+    """The judge named by ``cfg.judge`` (``mmalign.judges.load_judge``)."""
+    return load_judge(cfg.judge, Path(cfg.world) if cfg.world else Path(cfg.data).parent, batch_size=cfg.batch_size)
 
 
 def _pair(sample: Sample, chosen: str, rejected: str, meta: dict[str, Any]) -> PreferencePair:

@@ -4,8 +4,9 @@ Setup (same on both sides): the model of ``dpo_throughput.py`` (a tiny random-in
 577 image tokens per image, 32,000-word vocabulary, 4 decoder layers), float32 on the CPU, vision tower frozen;
 4 prompts × 4 sampled replies per step, exactly 64 new tokens each (the random model rarely stops), temperature 1;
 the same reward (a Python function: minus the reply's length in characters); no KL term (TRL's default ``beta=0``,
-mmalign ``kl_coef=0``), one update per batch of samples. TRL runs at its VLM defaults otherwise (``loss_type``,
-``scale_rewards``, its own generation through ``model.generate``).
+mmalign ``kl_coef=0``), one update per batch of samples. TRL runs at its VLM defaults otherwise (``loss_type="dapo"``
+— a per-token mean over the batch where mmalign averages per reply; the work per step is the same —,
+``scale_rewards="group"``, its own generation through ``model.generate``).
 
 Columns: median step time after the warm-up steps, steps/s, the process's peak RSS and what training adds to its
 baseline after imports and data loading. Each side runs in its own process.
@@ -54,8 +55,15 @@ def run_mmalign(work: Path, steps: int) -> dict:
                    "progress=false", "warmup_ratio=0", "lr=1e-6", "max_length=4096"],
     )  # fmt: skip
     rl.train(cfg)
-    ends = [json.loads(x)["elapsed_s"] for x in (work / "mm" / "metrics.jsonl").read_text().splitlines()]
-    return {"step_times": [b - a for a, b in zip([0.0, *ends[:-1]], ends)], "base_mb": base}
+    rows = [json.loads(x) for x in (work / "mm" / "metrics.jsonl").read_text().splitlines()]
+    ends = [r["elapsed_s"] for r in rows]
+    steps_s = [b - a for a, b in zip([0.0, *ends[:-1]], ends)]
+    return {
+        "step_times": steps_s,
+        "base_mb": base,
+        "mean_length": statistics.mean(r["completions/mean_length"] for r in rows),
+        "split": {k: statistics.median(r[k] for r in rows[1:] or rows) for k in rows[0] if k.startswith("time/")},
+    }
 
 
 def run_trl(work: Path, steps: int) -> dict:
@@ -99,7 +107,9 @@ def run_trl(work: Path, steps: int) -> dict:
     trainer = GRPOTrainer(model=vlm, reward_funcs=short, args=args, train_dataset=ds, processing_class=processor,
                           callbacks=[Clock()])  # fmt: skip
     trainer.train()
-    return {"step_times": [marks[i + 1] - marks[i] for i in range(0, len(marks) - 1, 2)], "base_mb": base}
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    steps_s = [marks[i + 1] - marks[i] for i in range(0, len(marks) - 1, 2)]
+    return {"step_times": steps_s, "base_mb": base, "mean_length": sum(lengths) / max(1, len(lengths))}
 
 
 def main() -> None:
@@ -121,7 +131,7 @@ def main() -> None:
     write_prompts(work / "world", 64)
     print(f"{PROMPTS} prompts x {GENERATIONS} replies, {NEW_TOKENS} new tokens; torch threads {torch_threads()}")
     med: dict[str, float] = {}
-    print("\n| side | step s | steps/s | peak RSS MB | Δ RSS MB |\n|---|---|---|---|---|")
+    print("\n| side | step s | steps/s | peak RSS MB | Δ RSS MB | reply tokens |\n|---|---|---|---|---|---|")
     for side in ("trl", "mmalign"):
         cmd = [sys.executable, __file__, "--side", side, "--work", str(work), "--steps", str(args.steps + args.warmup)]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -131,7 +141,12 @@ def main() -> None:
         res = json.loads((work / f"{side}.json").read_text())
         med[side] = statistics.median(res["step_times"][args.warmup :])
         print(f"| {side} | {med[side]:.2f} | {1 / med[side]:.3f} | {res['peak_mb']:.0f} | "
-              f"{res['peak_mb'] - res['base_mb']:.0f} |")  # fmt: skip
+              f"{res['peak_mb'] - res['base_mb']:.0f} | {res['mean_length']:.1f} |")  # fmt: skip
+        if "split" in res:
+            print(
+                "  mmalign's median seconds per phase: "
+                + ", ".join(f"{k[5:]} {v:.2f}" for k, v in res["split"].items())
+            )
     if len(med) == 2:
         print(f"\nmmalign: {med['trl'] / med['mmalign']:.2f}x TRL's steps/s")
 

@@ -44,7 +44,7 @@ def seed_run(demo: Path, seed: int, out: Path, args: argparse.Namespace) -> dict
     held = load_pairs(held_file).pairs
     correct: dict[str, np.ndarray] = {}
     for name, extra in VARIANTS.items():
-        run = out / f"seed-{seed}" / name
+        run = out / f"seed-{seed}" / f"{name}-steps{args.steps}-lr{args.lr}-n{args.train_scenes}"
         t0 = time.perf_counter()
         if not (run / "model" / "reward.json").is_file():
             overrides = [f"steps={args.steps}", f"lr={args.lr}", "batch_size=16", "progress=false", f"seed={seed}"]

@@ -155,7 +155,7 @@ def test_mm_dpo_takes_its_margins_from_a_reward_model(
         dpo.train(cfg)
         return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
 
-    with pytest.raises(ValueError, match="margin"):  # world pairs carry no margins of their own
+    with pytest.raises(ConfigError, match="needs margins"):  # world pairs carry no margins of their own
         run_dpo("no_rm", "loss=mm_dpo")
     rows = run_dpo("mm", "loss=mm_dpo", f"reward_model={tmp_path / 'rm' / 'model'}")
     # β_i = β·(1 + w·(1 − e^{−kδ})) with δ ≥ 0 clamped: above β = 0.1 wherever the reward model agrees.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -47,15 +48,43 @@ def test_rloo_with_the_world_judge_runs(llava_dir: Path, world_dir: Path, tmp_pa
     assert rows[1]["kl"] != pytest.approx(0.0, abs=1e-6)
 
 
+def test_replies_are_scored_exactly_as_they_were_sampled(llava_dir: Path, world_dir: Path) -> None:
+    """On-policy: the sampled token ids (end-of-sequence included when the sampler stopped) are what the update
+    scores, so the policy's log-probability of each reply equals the sampler's (temperature 1, no filtering)."""
+    from mmalign.data.loaders import load_samples
+    from mmalign.data.pair_inputs import encode_reply_ids
+    from mmalign.forward import ReplyScorer
+    from mmalign.generation.hf import HFGenerator
+    from mmalign.generation.sampling import SamplingParams
+    from mmalign.models.load import load_model
+
+    loaded = load_model(llava_dir)
+    model = loaded.model.eval()
+    prompts = [replace(s, messages=s.prompt_messages) for s in load_samples(world_dir / "sft.jsonl", limit=3).samples]
+    groups = HFGenerator(model, loaded.processor).generate(prompts, 2, params=SamplingParams(max_new_tokens=6, seed=3))
+    cont = encode_reply_ids(loaded.processor, prompts, [[r.token_ids for r in g] for g in groups])
+    with torch.no_grad():
+        logps, tokens = ReplyScorer(model)(cont)
+    sampled = [r.logp for g in groups for r in g]
+    assert tokens.tolist() == [len(r.token_ids) for g in groups for r in g]
+    assert logps.tolist() == pytest.approx(sampled, abs=1e-4)
+
+
 def test_rl_resume_matches_uninterrupted(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
-    common = ("steps=4", "save_every=2", "correct_bonus=2.0")
-    _run(llava_dir, world_dir / "sft.jsonl", tmp_path / "full", *common)
+    judge = tmp_path / "short.py"
+    judge.write_text("def short(prompt, reply):\n    return -len(reply) / 10\n")
+    common = ("steps=4", "save_every=2", f"judge={judge}:short")
+    full = _run(llava_dir, world_dir / "sft.jsonl", tmp_path / "full", *common)
     _run(llava_dir, world_dir / "sft.jsonl", tmp_path / "part", *common)
     shutil.rmtree(tmp_path / "part" / "model")
     shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-00000004")
     (tmp_path / "part" / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "dir": "step-00000002"}))
-    _run(llava_dir, world_dir / "sft.jsonl", tmp_path / "part", *common, "resume=true")
+    resumed = _run(llava_dir, world_dir / "sft.jsonl", tmp_path / "part", *common, "resume=true")
+    # The resumed steps sampled the same replies and saw the same rewards as the uninterrupted run.
+    assert [r["reward"] for r in resumed] == pytest.approx([r["reward"] for r in full], abs=1e-6)
     a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "part" / "model" / "model.safetensors"))
+    start = load_file(str(llava_dir / "model.safetensors"))
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)

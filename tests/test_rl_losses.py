@@ -31,6 +31,8 @@ def test_policy_gradient_raises_the_better_reply() -> None:
     assert loss.tolist() == pytest.approx([2.0, -2.0])  # −1·(−4)/2 and +1·(−6)/3
     loss.sum().backward()
     assert logps.grad.tolist() == pytest.approx([-0.5, 1 / 3])  # descent raises the first, lowers the second
+    summed = policy_gradient_loss(torch.tensor([-4.0, -6.0]), None, torch.tensor([1.0, -1.0]))
+    assert summed.tolist() == pytest.approx([4.0, -6.0])  # RLOO: the summed log-probability
 
 
 def test_kl_shaping_by_hand() -> None:
@@ -42,6 +44,10 @@ def test_fact_rlhf_symbolic_rewards_by_hand() -> None:
     assert yes_no_correctness("No, there is none.", "no") == 0.5
     assert yes_no_correctness("Yes.", "no") == -0.5
     assert yes_no_correctness("Yes.", "yes") == 0.0 and yes_no_correctness("Maybe.", "no") == 0.0
+    # Only the words themselves: "Nothing", "Now" and "Yesterday" start no answer.
+    assert yes_no_correctness("Nothing is there.", "no") == 0.0 and yes_no_correctness("Now I see.", "no") == 0.0
+    assert yes_no_correctness("Yesterday.", "no") == 0.0 and yes_no_correctness("  no!", "No") == 0.5
+    assert yes_no_correctness("No.", True) == 0.0  # a label that is not "no" gives nothing
     kwargs = {"correct_bonus": 2.0, "length_penalty": -10.0, "max_new_tokens": 20, "missing_eos_penalty": -8.0}
     # 2·0.5 − 10·4/20 = −1; not finished: −8 more.
     assert symbolic_reward("No.", 4, True, "no", **kwargs) == pytest.approx(-1.0)

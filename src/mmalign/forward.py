@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from mmalign.data.pair_inputs import Continuations, EncodedPairs, reply_rows
+from mmalign.errors import ModelError
 from mmalign.logprobs import IGNORE_INDEX, sequence_logps
 from mmalign.losses import PairLogps
 from mmalign.models.families import family_of, prompt_positions
@@ -265,7 +266,7 @@ class ReplyScorer(torch.nn.Module):
         super().__init__()
         reason = unsupported_reason(vlm)
         if reason is not None:
-            raise ValueError(f"on-policy RL needs the shared-prompt forward: {reason}")
+            raise ModelError(f"on-policy RL needs the shared-prompt forward: {reason}")
         self.vlm, self.options = vlm, options
 
     def forward(self, batch: Continuations) -> tuple[torch.Tensor, torch.Tensor]:

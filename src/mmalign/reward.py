@@ -41,7 +41,8 @@ def attach_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Linear:
     with torch.no_grad():
         head.weight.copy_(torch.randn(1, hidden, generator=generator) / hidden**0.5)
         head.bias.zero_()
-    head.to(next(model.parameters()).dtype)
+    like = inner_model(model).get_output_embeddings().weight  # the decoder's own dtype and device
+    head.to(device=like.device, dtype=like.dtype)
     inner_model(model).add_module(HEAD, head)
     return head
 
@@ -54,7 +55,13 @@ def write_marker(out: str | Path, facts: bool = False) -> None:
 
 def reads_facts(path: str | Path) -> bool:
     """Whether the reward model saved at ``path`` was trained on prompts with facts."""
-    return bool(json.loads((Path(path) / MARKER).read_text()).get("facts", False))
+    marker = Path(path) / MARKER
+    try:
+        return bool(json.loads(marker.read_text()).get("facts", False))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(
+            f"{marker}: not a readable reward-model marker ({exc}); train one with `mmalign train rm`"
+        ) from None
 
 
 def facts_missing(pairs: list[PreferencePair], source: str | Path) -> None:
@@ -89,15 +96,16 @@ def load_head(loaded: LoadedModel) -> torch.nn.Linear:
     if not (path / MARKER).is_file():
         raise ModelError(f"{path}: not a reward model (no {MARKER}); train one with `mmalign train rm`")
     head = attach_head(loaded.model)
-    found: dict[str, torch.Tensor] = {}
+    found: dict[str, list[torch.Tensor]] = {"weight": [], "bias": []}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if key.endswith(f"{HEAD}.weight") or key.endswith(f"{HEAD}.bias"):
-                    found[key.rsplit(".", 1)[-1]] = f.get_tensor(key)
-    if set(found) != {"weight", "bias"}:
-        raise ModelError(f"{path}: {MARKER} is there but the {HEAD} weights are not")
-    head.load_state_dict(found)
+                if key.endswith((f"{HEAD}.weight", f"{HEAD}.bias")):
+                    found[key.rsplit(".", 1)[-1]].append(f.get_tensor(key))
+    if any(len(v) != 1 for v in found.values()):
+        counts = ", ".join(f"{len(v)} {k}" for k, v in found.items())
+        raise ModelError(f"{path}: expected one {HEAD} weight and bias in the safetensors files, found {counts}")
+    head.load_state_dict({k: v[0] for k, v in found.items()})
     return head
 
 

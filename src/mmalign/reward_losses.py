@@ -6,7 +6,8 @@
 
 where m is the pair's margin (``use_margin``: the data's own score difference, as Llama-2's reward model and TRL's
 ``margin`` column) and λ = ``center_coef`` pulls the rewards towards zero mean (TRL's ``center_rewards_coefficient``,
-MM-RLHF's ``w_center``; shared/specs/algorithms.md §5.2). ``reward_metrics`` gives TRL's names.
+MM-RLHF's ``w_center``; shared/specs/algorithms.md §5.2). ``reward_metrics`` gives ``accuracy`` and ``margin`` as
+TRL's reward trainer names them, and the mean rewards.
 """
 
 from __future__ import annotations

@@ -3,11 +3,13 @@ Fact-RLHF's symbolic rewards (shared/specs/algorithms.md §4.2, §3.7).
 
 A step samples ``k`` replies to each of ``B`` prompts; ``rewards`` are [B, k]. The loss is the on-policy
 policy gradient with one update per batch of samples, so PPO's importance ratio is 1 and its clip never binds:
-``L_i = −A_i · log π(y_i|x) / |y_i|`` (each reply's log-probability averaged over its tokens, as GRPO does).
+``L_i = −A_i · log π(y_i|x) / |y_i|`` (each reply's log-probability averaged over its tokens, as GRPO does; RLOO
+uses the summed log-probability, as TRL's RLOO trainer).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import torch
@@ -33,8 +35,11 @@ def group_advantages(rewards: torch.Tensor, algo: Algo, scale: bool = True, eps:
     return centred / (rewards.std(-1, keepdim=True) + eps) if scale else centred
 
 
-def policy_gradient_loss(logps: torch.Tensor, tokens: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """Per-reply loss [N]: ``−A · log π(y|x) / |y|`` (advantages are constants)."""
+def policy_gradient_loss(logps: torch.Tensor, tokens: torch.Tensor | None, advantages: torch.Tensor) -> torch.Tensor:
+    """Per-reply loss [N]: ``−A · log π(y|x) / |y|`` with token counts (GRPO), ``−A · log π(y|x)`` without (RLOO,
+    as TRL's RLOO trainer); advantages are constants."""
+    if tokens is None:
+        return -advantages.detach() * logps
     return -advantages.detach() * logps / tokens.clamp_min(1).to(logps.dtype)
 
 
@@ -47,12 +52,12 @@ def kl_shaped(rewards: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tenso
 def yes_no_correctness(reply: str, label: str) -> float:
     """Fact-RLHF's yes/no term: with gold "no", +0.5 when the reply starts with "No", −0.5 when it starts with "Yes";
     with gold "yes", 0 (the paper rewards only the answer models get wrong by bias)."""
-    if label.strip().lower() != "no":
+    if str(label).strip().lower() != "no":
         return 0.0
-    start = reply.strip().lower()
-    if start.startswith("no"):
-        return 0.5
-    return -0.5 if start.startswith("yes") else 0.0
+    first = re.match(r"\s*(yes|no)\b", reply, re.IGNORECASE)
+    if first is None:
+        return 0.0
+    return 0.5 if first.group(1).lower() == "no" else -0.5
 
 
 def symbolic_reward(

@@ -122,7 +122,6 @@ def encode_continuations(
     tok = _tokenizer(processor)
     prefixes = [render(processor, s.messages, generation_prompt=True) for s in prompts]
     enc = processor_inputs(processor, prefixes, load_image_groups(prompts), padding_side="left")
-    prompt_lens = enc["attention_mask"].sum(-1).tolist()
     tails: list[str] = []
     for sample, prefix, texts in zip(prompts, prefixes, replies):
         for text in texts:
@@ -131,6 +130,31 @@ def encode_continuations(
                 raise ValueError("chat template is not prefix-stable; cannot split prompt and reply")
             tails.append(full[len(prefix) :])
     rows: list[list[int]] = tok(tails, add_special_tokens=False)["input_ids"]  # one call for every reply
+    return _with_reply_rows(enc, rows, k, prompts, max_length)
+
+
+def encode_reply_ids(
+    processor: Any, prompts: Sequence[Sample], replies: Sequence[Sequence[Sequence[int]]], max_length: int | None = None
+) -> Continuations:
+    """Like ``encode_continuations``, with each reply given as the token ids a sampler produced from the same
+    rendered prompt (``generation.hf``): the replies are scored exactly as they were sampled, end-of-sequence token
+    included when the sampler stopped on it and nothing added when it hit its token limit.
+
+    Raises:
+        ValueError: replies of unequal count, or a sequence longer than ``max_length``.
+    """
+    k = len(replies[0])
+    if any(len(r) != k for r in replies):
+        raise ValueError("every prompt needs the same number of replies")
+    texts = [render(processor, s.prompt_messages, generation_prompt=True) for s in prompts]
+    enc = processor_inputs(processor, texts, load_image_groups(prompts), padding_side="left")
+    return _with_reply_rows(enc, [list(ids) for group in replies for ids in group], k, prompts, max_length)
+
+
+def _with_reply_rows(
+    enc: dict[str, torch.Tensor], rows: list[list[int]], k: int, prompts: Sequence[Sample], max_length: int | None
+) -> Continuations:
+    prompt_lens = enc["attention_mask"].sum(-1).tolist()
     for i, ids in enumerate(rows):
         sample, p_len = prompts[i // k], prompt_lens[i // k]
         if max_length is not None and p_len + len(ids) > max_length:

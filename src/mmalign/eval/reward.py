@@ -44,7 +44,8 @@ def pair_margins(
     reads facts; ``source`` names the pairs in errors)."""
     loaded = load_model(model_dir)
     load_head(loaded)
-    scorer = RewardScorer(loaded.model.eval())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = RewardScorer(loaded.model.eval().to(device))
     if reads_facts(model_dir):
         facts_missing(pairs, source)
         pairs = [with_facts(p) for p in pairs]
@@ -53,7 +54,8 @@ def pair_margins(
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
-            chosen, rejected = scorer(encode_pairs(loaded.processor, batch, share_prompt=scorer.share_prompt))
+            enc = encode_pairs(loaded.processor, batch, share_prompt=scorer.share_prompt).to(device)
+            chosen, rejected = scorer(enc)
             margins.extend((chosen - rejected).tolist())
             bar.update(len(batch))
     bar.close()

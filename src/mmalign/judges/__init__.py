@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mmalign.errors import ConfigError
 from mmalign.types import Sample
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Judge(Protocol):
@@ -20,7 +23,7 @@ class Judge(Protocol):
     def score(self, prompts: Sequence[Sample], replies: Sequence[str]) -> list[float]: ...
 
 
-def load_judge(spec: str, world: str | Path, batch_size: int = 16) -> Judge:
+def load_judge(spec: str, world: str | Path, batch_size: int = 16, device: torch.device | str = "cpu") -> Judge:
     """The judge ``spec`` names: ``world`` (the rule judge of the world at ``world``, from its ground truth),
     ``rm:DIR`` (a reward model from ``mmalign train rm``, which sees the image) or ``module:function`` /
     ``file.py:function`` (a user's Python function, named on the command line).
@@ -37,7 +40,7 @@ def load_judge(spec: str, world: str | Path, batch_size: int = 16) -> Judge:
     if spec.startswith("rm:"):
         from mmalign.judges.reward import RewardModelJudge
 
-        return RewardModelJudge.load(spec.removeprefix("rm:"), batch_size=batch_size)
+        return RewardModelJudge.load(spec.removeprefix("rm:"), batch_size=batch_size, device=device)
     from mmalign.judges.python import FunctionJudge
 
     return FunctionJudge.load(spec)

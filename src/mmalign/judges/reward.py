@@ -24,17 +24,16 @@ class RewardModelJudge:
         self.scorer, self.processor, self.batch_size = scorer, processor, batch_size
 
     @classmethod
-    def load(cls, path: str | Path, batch_size: int = 16) -> RewardModelJudge:
-        """The judge of the reward model saved at ``path`` (on the CPU, or the first GPU when there is one).
+    def load(cls, path: str | Path, batch_size: int = 16, device: torch.device | str = "cpu") -> RewardModelJudge:
+        """The judge of the reward model saved at ``path``, on ``device`` (the training process's).
 
         Raises:
             ModelError: not a reward model. ConfigError: a fact-augmented one (online prompts carry no facts).
         """
-        loaded = load_model(path)
-        load_head(loaded)
         if reads_facts(path):
             raise ConfigError(f"{path}: a fact-augmented reward model needs facts, which online prompts do not carry")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        loaded = load_model(path)
+        load_head(loaded)
         return cls(RewardScorer(loaded.model.eval().to(device)), loaded.processor, batch_size)
 
     def score(self, prompts: Sequence[Sample], replies: Sequence[str]) -> list[float]:

@@ -79,7 +79,9 @@ class OnlineDpoConfig(PreferenceConfig):
 
 def make_judge(cfg: OnlineDpoConfig) -> Judge:
     """The judge named by ``cfg.judge`` (``mmalign.judges.load_judge``)."""
-    return load_judge(cfg.judge, Path(cfg.world) if cfg.world else Path(cfg.data).parent, batch_size=cfg.batch_size)
+    world = Path(cfg.world) if cfg.world else Path(cfg.data).parent
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_judge(cfg.judge, world, batch_size=cfg.batch_size, device=device)
 
 
 def _pair(sample: Sample, chosen: str, rejected: str, meta: dict[str, Any]) -> PreferencePair:

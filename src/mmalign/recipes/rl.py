@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -25,7 +26,7 @@ from pydantic import Field
 
 from mmalign.config import FreezeConfig, TrainConfig, dump_config
 from mmalign.data.loaders import load_samples
-from mmalign.data.pair_inputs import encode_continuations
+from mmalign.data.pair_inputs import encode_reply_ids
 from mmalign.forward import ReplyScorer
 from mmalign.generation.hf import HFGenerator
 from mmalign.generation.sampling import SamplingParams
@@ -49,7 +50,7 @@ class RlConfig(TrainConfig):
 
     algo: Literal["grpo", "rloo"] = Field("grpo", description="advantage estimator")
     lr: float = Field(1e-6, gt=0)
-    batch_size: int = Field(4, ge=1, description="prompts per step and process")
+    batch_size: int = Field(4, ge=1, description="prompts per step (per process when launched with torchrun)")
     samples_per_prompt: int = Field(4, ge=2, description="replies sampled per prompt (the group)")
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0)
@@ -63,6 +64,9 @@ class RlConfig(TrainConfig):
     missing_eos_penalty: float = Field(0.0, description="reward += this when a reply hits max_new_tokens (< 0)")
     kl_coef: float = Field(0.05, ge=0, description="reward -= kl_coef · (log π − log π_ref) of the reply")
     scale_rewards: bool = Field(True, description="grpo: divide by the group's reward std")
+    normalize: Literal["auto", "mean", "sum"] = Field(
+        "auto", description="reply log-prob: mean over tokens (grpo), sum (rloo, as TRL); auto picks by algo"
+    )
     freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(vision=True, projector=False, llm=False))
 
 
@@ -96,7 +100,10 @@ def train(cfg: RlConfig) -> Path:
     data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
     prompts = [replace(s, messages=s.prompt_messages) for s in data.samples]
     world = Path(cfg.world) if cfg.world else Path(cfg.data).parent
-    judge = load_judge(cfg.judge, world, batch_size=cfg.batch_size * cfg.samples_per_prompt) if cfg.judge else None
+    judge = None
+    if cfg.judge:
+        judge = load_judge(cfg.judge, world, batch_size=cfg.batch_size * cfg.samples_per_prompt,
+                           device=accelerator.device)  # fmt: skip
     loaded = load_model(cfg.model)
     reference = None  # the model as loaded, frozen; only the KL term reads it
     if cfg.kl_coef > 0:
@@ -125,24 +132,32 @@ def train(cfg: RlConfig) -> Path:
                 len(prompts), cfg.batch_size, m, cfg.seed, accelerator.process_index, accelerator.num_processes
             )
             batch = [prompts[i] for i in idx]
+            seed = (cfg.seed * 1_000_003 + m) * 1_009 + accelerator.process_index  # each process its own draws
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                    top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + m)  # fmt: skip
+                                    top_k=cfg.top_k, top_p=cfg.top_p, seed=seed)  # fmt: skip
+            t0 = time.perf_counter()
             policy.eval()
-            groups = generator.generate(batch, k, params=params)
+            with accelerator.autocast():  # sampled in the precision it is trained in
+                groups = generator.generate(batch, k, params=params)
             policy.train()
+            t1 = time.perf_counter()
             rewards, stats = _rewards(cfg, judge, batch, groups)
-            cont = encode_continuations(loaded.processor, batch, [[r.text for r in g] for g in groups], cfg.max_length)
+            t2 = time.perf_counter()
+            ids = [[r.token_ids for r in g] for g in groups]
+            cont = encode_reply_ids(loaded.processor, batch, ids, cfg.max_length)
             cont = cont.to(accelerator.device)
             logps, tokens = policy(cont)
             ref_logps = logps.detach()
             if reference is not None:
-                with torch.no_grad():
+                with torch.no_grad(), accelerator.autocast():
                     ref_logps, _ = reference(cont)
             shaped = kl_shaped(rewards.to(logps.device).flatten(), logps, ref_logps, cfg.kl_coef)
             advantages = group_advantages(shaped.view(-1, k), cfg.algo, scale=cfg.scale_rewards).flatten()
-            loss = policy_gradient_loss(logps, tokens, advantages).mean()
+            per_token = cfg.normalize == "mean" or (cfg.normalize == "auto" and cfg.algo == "grpo")
+            loss = policy_gradient_loss(logps, tokens if per_token else None, advantages).mean()
             accelerator.backward(loss / cfg.grad_accum)
             lengths = [len(r.token_ids) for g in groups for r in g]
+            t3 = time.perf_counter()
             step_stats = {
                 **stats,
                 "loss": loss.item(),
@@ -150,6 +165,9 @@ def train(cfg: RlConfig) -> Path:
                 "reward_std": rewards.std(-1).mean().item(),
                 "completions/mean_length": sum(lengths) / len(lengths),
                 "completions/clipped_ratio": sum(not r.finished for g in groups for r in g) / len(lengths),
+                "time/generation_s": t1 - t0,
+                "time/rewards_s": t2 - t1,
+                "time/update_s": t3 - t2,
             }
             if reference is not None:
                 step_stats["kl"] = (logps - ref_logps).detach().mean().item()

@@ -20,6 +20,7 @@ from mmalign.config import FreezeConfig, TrainConfig, dump_config
 from mmalign.data.pair_inputs import encode_pairs
 from mmalign.data.preference import load_pairs
 from mmalign.errors import ConfigError
+from mmalign.forward import inner_model
 from mmalign.models.load import count_parameters, load_model
 from mmalign.reward import RewardScorer, attach_head, facts_missing, with_facts, write_marker
 from mmalign.reward_losses import RewardLossConfig, bradley_terry, reward_metrics
@@ -69,7 +70,11 @@ def train(cfg: RewardConfig) -> Path:
         raise ConfigError(f"use_margin=true but pair {missing!r} of {cfg.data} has no margin")
     loaded = load_model(cfg.model)
     attach_head(loaded.model, cfg.seed)
-    scorer = RewardScorer(trainable_model(loaded, cfg))
+    model = trainable_model(loaded, cfg)
+    lm_head = inner_model(model).get_output_embeddings()
+    if lm_head.weight is not inner_model(model).get_input_embeddings().weight:
+        lm_head.requires_grad_(False)  # an untied LM head takes no part in the reward (and DDP wants no idle weight)
+    scorer = RewardScorer(model)
     share = cfg.share_prompt and scorer.share_prompt
     if accelerator.is_main_process:
         log.info("%s", data.summary())

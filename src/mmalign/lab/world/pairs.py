@@ -274,8 +274,11 @@ def _swap_in_partner(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tupl
     at the same place, colour and size: a caption of the same length that names what is not there (None when only
     the lone member could be replaced). Objects whose shape is unique are replaced first (a local edit)."""
     present, lone = scene.shapes, lone_members(scene, cfg)
+    absent = [s for s in cfg.shapes if s not in present]
+    if not lone and not absent:
+        return None
     member = rng.choice(lone) if lone else None
-    shape = cfg.partner[member] if member else rng.choice([s for s in cfg.shapes if s not in present])
+    shape = cfg.partner[member] if member else rng.choice(absent)
     others = [i for i, o in enumerate(scene.objects) if o.shape != member]
     singles = [i for i in others if scene.count(scene.objects[i].shape) == 1]
     if not others:

@@ -4,9 +4,10 @@ For each seed of a finished ``mmalign demo --seeds`` directory, oracle pairs (ki
 ``partner_swap``: an object turned into the absent planted partner, same length, ``attribute``: a swapped colour or
 shape, ``prior_tail``: an invented partner at the end of a true caption) are drawn
 from the seed's world; the first ``--train-scenes`` training scenes train a reward model from the seed's SFT model,
-the next ``--heldout-scenes`` are held out. Two reward models per seed, same pairs, same steps: plain, and
-fact-augmented (each pair's facts: the scene's objects). Printed: held-out accuracy per kind, mean over seeds with a
-95% interval (two-level bootstrap: seeds, then pairs), and the paired difference facts − plain.
+the next ``--heldout-scenes`` are held out. Three reward models per seed, same pairs, same steps: plain,
+fact-augmented (each pair's facts: the scene's objects) and critique (teacher-forced on the pairs' rule-written
+critiques, writing its own at evaluation). Printed: held-out accuracy per kind, mean over seeds with a 95% interval
+(two-level bootstrap: seeds, then pairs), and the paired differences facts − plain and critique − plain.
 
 Usage: ``python benchmarks/reward_world.py --demo runs/demo3 --seeds 0,1,2 --out runs/rm_world``
 """
@@ -28,7 +29,7 @@ from mmalign.recipes import rm
 from mmalign.stats import column_mean, difference, hierarchical_bootstrap
 
 KINDS = ("partner", "partner_swap", "attribute", "prior_tail")
-VARIANTS = {"plain": [], "facts": ["facts=true"]}
+VARIANTS = {"plain": [], "facts": ["facts=true"], "critique": ["critique=true"]}
 
 
 def seed_run(demo: Path, seed: int, out: Path, args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:
@@ -77,15 +78,15 @@ def main() -> None:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     tables = {s: seed_run(Path(args.demo), s, out, args) for s in seeds}
-    lines = ["| held-out pairs | n per seed | plain | fact-augmented | facts − plain |", "|---|---|---|---|---|"]
+    head = "| held-out pairs | n per seed | plain | fact-augmented | critique | facts − plain | critique − plain |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
     summary = {}
     for kind in (*KINDS, "all"):
         per_seed = [tables[s][kind] for s in seeds if kind in tables[s]]
-        stats = {
-            "plain": hierarchical_bootstrap(per_seed, column_mean("plain")),
-            "facts": hierarchical_bootstrap(per_seed, column_mean("facts")),
-            "difference": hierarchical_bootstrap(per_seed, difference(column_mean("facts"), column_mean("plain"))),
-        }
+        stats = {name: hierarchical_bootstrap(per_seed, column_mean(name)) for name in VARIANTS}
+        for name in ("facts", "critique"):
+            change = difference(column_mean(name), column_mean("plain"))
+            stats[f"{name} - plain"] = hierarchical_bootstrap(per_seed, change)
         summary[kind] = {k: v.to_dict() for k, v in stats.items()}
         n = "/".join(str(len(t["plain"])) for t in per_seed)
         cells = [f"{v.mean:.3f} [{v.low:.3f}, {v.high:.3f}]" for v in stats.values()]

@@ -192,3 +192,39 @@ def test_reward_model_judges_online_dpo_samples(
     online_dpo.train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and "objective/scores" in rows[0]
+
+
+def test_critique_reward_model_learns_to_write_critiques_and_scores_after_them(
+    llava_dir: Path, split_pairs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """MM-RLHF's critique model: teacher-forced on the world's rule-written critiques, its critique NLL falls; the
+    critique rows mark exactly the critique turn; at evaluation it writes its own critiques, then scores."""
+    from mmalign.data.pair_inputs import prompt_sample
+    from mmalign.eval.reward import evaluate_reward_model
+    from mmalign.reward import CRITIQUE_REQUEST, encode_pair_critiques
+
+    pair = next(p for p in load_pairs(split_pairs[0]).pairs if p.meta["kind"] == "partner")
+    assert pair.chosen_critique and pair.rejected_critique == f"There is no {pair.meta['inserted']} in the image."
+    loaded = load_model(llava_dir)
+    cont = encode_pair_critiques(loaded.processor, [pair])
+    tok = loaded.processor.tokenizer
+    for row, note in zip(range(2), (pair.chosen_critique, pair.rejected_critique)):
+        marked = cont.replies[row][cont.target_mask[row]].tolist()
+        as_read = tok.decode(tok(note, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+        assert tok.decode(marked, skip_special_tokens=True).strip() == as_read.strip()  # the critique, then end tokens
+        assert not (cont.target_mask[row] & ~cont.reply_mask[row]).any()
+    assert CRITIQUE_REQUEST and prompt_sample(pair).messages == pair.prompt
+
+    rows = _run(llava_dir, split_pairs[0], tmp_path / "critique", "steps=30", "critique=true")
+    assert "critique_nll" in rows[0]
+    assert sum(r["critique_nll"] for r in rows[-5:]) / 5 < 0.7 * sum(r["critique_nll"] for r in rows[:5]) / 5
+    model_dir = tmp_path / "critique" / "model"
+    assert json.loads((model_dir / "reward.json").read_text())["critique"] is True
+    result = evaluate_reward_model(model_dir, split_pairs[1], progress=False)
+    assert result["all"]["n"] == 20 and 0.0 <= result["all"]["accuracy"] <= 1.0
+    bare = split_pairs[0].parent / "rm_no_critiques.jsonl"  # beside the images, which may not be left
+    write_pairs(
+        [replace(p, chosen_critique=None, rejected_critique=None) for p in load_pairs(split_pairs[1]).pairs], bare
+    )
+    with pytest.raises(ConfigError, match="lacks one"):
+        _run(llava_dir, bare, tmp_path / "c2", "steps=1", "critique=true")

@@ -9,6 +9,11 @@ architecture without the shared-prompt forward is scored on full sequences.
 A fact-augmented reward model (Fact-RLHF, shared/specs/algorithms.md §4.1) reads each pair's ``facts`` (reference
 statements about the image) after the question: ``with_facts`` writes them into the prompt, in training and in
 every later use, as ``reward.json`` records.
+
+A critique reward model (MM-RLHF, §5.2) writes a critique of the reply (a user turn ``CRITIQUE_REQUEST``, then the
+critique as the assistant's turn) and reads its reward after the critique: ``critique_scores`` returns the rewards and
+the language-model loss on the critique tokens (teacher-forced on the data's critiques in training); at scoring time
+``write_critiques`` has the model write them first.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from mmalign.types import Message, Part, PreferencePair
 HEAD = "reward_head"
 MARKER = "reward.json"
 FACTS_HEADER = "In the image:"
+CRITIQUE_REQUEST = "What is wrong in the description?"
 
 
 def attach_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Linear:
@@ -47,17 +53,27 @@ def attach_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Linear:
     return head
 
 
-def write_marker(out: str | Path, facts: bool = False) -> None:
-    """Mark a saved model directory as a reward model (``facts``: it reads each pair's facts)."""
-    record = {"head": HEAD, "reads": "hidden state of the reply's last token", "facts": facts}
+def write_marker(out: str | Path, facts: bool = False, critique: bool = False) -> None:
+    """Mark a saved model directory as a reward model (``facts``: it reads each pair's facts; ``critique``: it writes
+    a critique before it scores)."""
+    record = {"head": HEAD, "reads": "hidden state of the reply's last token", "facts": facts, "critique": critique}
     (Path(out) / MARKER).write_text(json.dumps(record))
 
 
 def reads_facts(path: str | Path) -> bool:
     """Whether the reward model saved at ``path`` was trained on prompts with facts."""
+    return bool(_marker(path).get("facts", False))
+
+
+def writes_critiques(path: str | Path) -> bool:
+    """Whether the reward model saved at ``path`` scores after writing a critique."""
+    return bool(_marker(path).get("critique", False))
+
+
+def _marker(path: str | Path) -> dict[str, Any]:
     marker = Path(path) / MARKER
     try:
-        return bool(json.loads(marker.read_text()).get("facts", False))
+        return dict(json.loads(marker.read_text()))
     except (OSError, ValueError, AttributeError) as exc:
         raise ModelError(
             f"{marker}: not a readable reward-model marker ({exc}); train one with `mmalign train rm`"
@@ -122,7 +138,10 @@ class RewardScorer(torch.nn.Module):
         self.vlm = vlm
         self.share_prompt = unsupported_reason(vlm) is None
 
-    def forward(self, batch: EncodedPairs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: EncodedPairs | Continuations) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_chosen, r_rejected) of encoded pairs; for ``encode_critiques`` rows, (rewards, critique NLLs)."""
+        if isinstance(batch, Continuations):
+            return self.critique(batch)
         if batch.shared is not None:  # rows: (chosen, rejected) of pair 0, then of pair 1, ...
             rewards = self.reply_rewards(batch.shared)
             return rewards[0::2], rewards[1::2]
@@ -142,6 +161,24 @@ class RewardScorer(torch.nn.Module):
         """The reward [N] of full sequences (``encode_sft`` outputs), read at each one's last labelled token."""
         return self._head(_full_last_hidden(self.vlm, enc))
 
+    def critique(self, cont: Continuations) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reward [B*k] read after each critique, mean NLL [B*k] of each critique's tokens) of ``encode_critiques``
+        rows; the language-model head runs only on the critique positions."""
+        inner = inner_model(self.vlm)
+        hidden = continuation_hidden(self.vlm, cont, cont.replies.shape[1])
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        rewards = self._head(hidden[rows, cont.reply_mask.sum(-1)])
+        targets = cont.target_mask
+        if targets is None:
+            raise ValueError("critique scoring needs encode_critiques rows (a target_mask)")
+        # Column t of ``hidden`` predicts reply token t (column 0 is the prompt's last token).
+        logits = inner.lm_head(hidden[:, :-1][targets]).float()
+        nll = torch.nn.functional.cross_entropy(logits, cont.replies[targets], reduction="none")
+        per_row = torch.zeros(hidden.shape[0], device=hidden.device).index_add(
+            0, rows.unsqueeze(-1).expand_as(targets)[targets], nll
+        )
+        return rewards, per_row / targets.sum(-1).clamp_min(1)
+
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return getattr(inner_model(self.vlm), HEAD)(hidden).squeeze(-1).float()
 
@@ -158,3 +195,47 @@ def _full_last_hidden(model: Any, enc: dict[str, torch.Tensor]) -> torch.Tensor:
     positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
     last = torch.where(labels != IGNORE_INDEX, positions, -1).amax(-1).clamp_min(0)
     return hidden[torch.arange(labels.shape[0], device=labels.device), last]
+
+
+def encode_pair_critiques(processor: Any, pairs: list[PreferencePair], max_length: int | None = None) -> Continuations:
+    """Both replies of each pair with their critiques (rows: chosen, rejected of pair 0, then of pair 1, ...)."""
+    from mmalign.data.pair_inputs import encode_critiques, prompt_sample
+
+    return encode_critiques(
+        processor,
+        [prompt_sample(p) for p in pairs],
+        [(p.chosen, p.rejected) for p in pairs],
+        [(p.chosen_critique or "", p.rejected_critique or "") for p in pairs],
+        CRITIQUE_REQUEST,
+        max_length,
+    )
+
+
+def critiques_missing(pairs: list[PreferencePair], source: str | Path) -> None:
+    """Raise ``ConfigError`` naming the first pair of ``source`` without both critiques."""
+    missing = next((p.id for p in pairs if not (p.chosen_critique and p.rejected_critique)), None)
+    if missing is not None:
+        raise ConfigError(f"a critique reward model trains on critiques, and pair {missing!r} of {source} lacks one")
+
+
+def write_critiques(
+    model: Any, processor: Any, pairs: list[PreferencePair], max_new_tokens: int = 32, batch_size: int = 16
+) -> list[PreferencePair]:
+    """The pairs with the model's own greedy critique of each reply (a critique reward model at scoring time)."""
+    from mmalign.generation.hf import HFGenerator
+    from mmalign.generation.sampling import SamplingParams
+    from mmalign.types import Sample
+
+    asks = [
+        Sample(id=f"{p.id}/{side}", messages=(*p.prompt, Message.assistant(reply), Message.user(CRITIQUE_REQUEST)),
+               images=p.images, root=p.root)
+        for p in pairs
+        for side, reply in (("chosen", p.chosen), ("rejected", p.rejected))
+    ]  # fmt: skip
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    written = [
+        g[0].text or "-" for g in HFGenerator(model, processor, batch_size=batch_size).generate(asks, 1, params=params)
+    ]
+    return [
+        replace(p, chosen_critique=written[2 * i], rejected_critique=written[2 * i + 1]) for i, p in enumerate(pairs)
+    ]

@@ -183,6 +183,8 @@ class PreferencePair:
         objects: optional ground-truth objects of the image (for judges and analysis).
         facts: optional reference statements about the image (ground-truth captions, object lists) that a
             fact-augmented reward model reads beside the prompt (Fact-RLHF).
+        chosen_critique / rejected_critique: optional critiques of each reply (what is right or wrong in it) that a
+            critique reward model learns to write before it scores (MM-RLHF's ``chosen_reason``/``rejected_reason``).
         meta: free-form provenance (method, source, similarity, ...).
     """
 
@@ -196,6 +198,8 @@ class PreferencePair:
     corrupted_image: ImageRef | None = None
     objects: tuple[str, ...] = ()
     facts: tuple[str, ...] = ()
+    chosen_critique: str | None = None
+    rejected_critique: str | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -32,6 +32,8 @@ class Continuations:
         reply_mask: [B*k, T] bool, True on reply tokens.
         k: replies per prompt.
         images_per_prompt: images of each prompt (None: unknown; such batches are never split by length).
+        target_mask: [B*k, T] bool, True on the tokens a language-model loss is taken on (a critique reward model's
+            critiques), or None.
     """
 
     prompt: dict[str, torch.Tensor]
@@ -39,6 +41,7 @@ class Continuations:
     reply_mask: torch.Tensor
     k: int
     images_per_prompt: tuple[int, ...] | None = None
+    target_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Continuations:
         return Continuations(
@@ -47,6 +50,7 @@ class Continuations:
             self.reply_mask.to(device),
             self.k,
             self.images_per_prompt,
+            None if self.target_mask is None else self.target_mask.to(device),
         )
 
     def select(self, prompts: torch.Tensor) -> Continuations:
@@ -149,6 +153,46 @@ def encode_reply_ids(
     texts = [render(processor, s.prompt_messages, generation_prompt=True) for s in prompts]
     enc = processor_inputs(processor, texts, load_image_groups(prompts), padding_side="left")
     return _with_reply_rows(enc, [list(ids) for group in replies for ids in group], k, prompts, max_length)
+
+
+def encode_critiques(
+    processor: Any,
+    prompts: Sequence[Sample],
+    replies: Sequence[Sequence[str]],
+    critiques: Sequence[Sequence[str]],
+    request: str,
+    max_length: int | None = None,
+) -> Continuations:
+    """Each reply followed by a user turn ``request`` and an assistant turn holding its critique, continued from the
+    prompt encoded once; ``target_mask`` marks the critique turn's tokens (the language-model targets of a critique
+    reward model, MM-RLHF). The rows are the tokens of the text before the critique, then the critique turn's.
+
+    Raises:
+        ValueError: unequal counts, a chat template that is not prefix-stable, or a sequence over ``max_length``.
+    """
+    k = len(replies[0])
+    if any(len(r) != k for r in replies) or any(len(c) != k for c in critiques):
+        raise ValueError("every prompt needs the same number of replies and critiques")
+    tok = _tokenizer(processor)
+    prefixes = [render(processor, s.messages, generation_prompt=True) for s in prompts]
+    enc = processor_inputs(processor, prefixes, load_image_groups(prompts), padding_side="left")
+    rows, targets = [], []
+    for sample, prefix, texts, notes in zip(prompts, prefixes, replies, critiques):
+        for text, note in zip(texts, notes):
+            turns = (*sample.messages, Message.assistant(text), Message.user(request))
+            before = render(processor, turns, generation_prompt=True)
+            full = render(processor, (*turns, Message.assistant(note)))
+            if not (before.startswith(prefix) and full.startswith(before)):
+                raise ValueError("chat template is not prefix-stable; cannot split reply and critique")
+            head, tail = tok([before[len(prefix) :], full[len(before) :]], add_special_tokens=False)["input_ids"]
+            rows.append(head + tail)
+            targets.append((len(head), len(head) + len(tail)))
+    out = _with_reply_rows(enc, rows, k, prompts, max_length)
+    mask = torch.zeros_like(out.reply_mask)
+    for i, (start, end) in enumerate(targets):
+        mask[i, start:end] = True
+    out.target_mask = mask
+    return out
 
 
 def _with_reply_rows(

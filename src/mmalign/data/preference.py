@@ -6,7 +6,8 @@ Five row schemas::
 
     mmalign     {"id", "images": [...], "prompt": [messages...] or "text", "chosen": "...", "rejected": "...",
                  "margin"?: float, "corrupted_image"?: <image>, "objects"?: ["star", ...],
-                 "facts"?: ["A red star.", ...], "meta"?: {...}}
+                 "facts"?: ["A red star.", ...], "chosen_critique"?: str, "rejected_critique"?: str
+                 (or MM-RLHF's "chosen_reason" / "rejected_reason"), "meta"?: {...}}
     trl         TRL's conversational vision format: "images" (or "image"), "prompt": [messages with
                 {"type": "image"} parts], "chosen"/"rejected": [one assistant message] (or strings)
     rlaif_v     RLAIF-V: "image", "question", "chosen", "rejected" (strings)
@@ -121,6 +122,7 @@ class _Fields:
     corrupted_image: Any = None
     objects: tuple[str, ...] = ()
     facts: tuple[str, ...] = ()
+    critiques: tuple[str | None, str | None] = (None, None)
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -241,6 +243,7 @@ def _prompt_fields(
         corrupted_image=record.get("corrupted_image"),
         objects=_strings(record.get("objects"), "objects", ctx),
         facts=_strings(record.get("facts"), "facts", ctx),
+        critiques=(_critique(record, "chosen", ctx), _critique(record, "rejected", ctx)),
         meta=_meta(record.get("meta"), ctx),
     )
 
@@ -397,6 +400,8 @@ def _finish(fields: _Fields, ctx: RowContext, checker: MediaChecker) -> Preferen
         corrupted_image=corrupted,
         objects=fields.objects,
         facts=fields.facts,
+        chosen_critique=fields.critiques[0],
+        rejected_critique=fields.critiques[1],
         meta=fields.meta,
     )
 
@@ -516,6 +521,18 @@ def _margin(value: Any, ctx: RowContext) -> float | None:
     return _number(value, "margin", ctx)
 
 
+def _critique(record: Mapping[str, Any], side: str, ctx: RowContext) -> str | None:
+    """``<side>_critique`` (or MM-RLHF's ``<side>_reason``): a non-empty string, or absent."""
+    for key in (f"{side}_critique", f"{side}_reason"):
+        value = record.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ctx.error(key, f"must be a non-empty string, got {type_name(value)}")
+        return value
+    return None
+
+
 def _strings(value: Any, name: str, ctx: RowContext) -> tuple[str, ...]:
     """An optional list of non-empty strings (``objects``, ``facts``)."""
     if value is None:
@@ -584,6 +601,10 @@ def pair_row(pair: PreferencePair, out_dir: Path) -> dict[str, Any]:
         row["objects"] = list(pair.objects)
     if pair.facts:
         row["facts"] = list(pair.facts)
+    if pair.chosen_critique is not None:
+        row["chosen_critique"] = pair.chosen_critique
+    if pair.rejected_critique is not None:
+        row["rejected_critique"] = pair.rejected_critique
     if pair.meta:
         row["meta"] = pair.meta
     return row

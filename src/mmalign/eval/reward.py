@@ -15,7 +15,16 @@ import torch
 from mmalign.data.pair_inputs import encode_pairs
 from mmalign.data.preference import load_pairs
 from mmalign.models.load import load_model
-from mmalign.reward import RewardScorer, facts_missing, load_head, reads_facts, with_facts
+from mmalign.reward import (
+    RewardScorer,
+    encode_pair_critiques,
+    facts_missing,
+    load_head,
+    reads_facts,
+    with_facts,
+    write_critiques,
+    writes_critiques,
+)
 from mmalign.runtime.progress import progress_bar
 from mmalign.types import PreferencePair
 
@@ -49,13 +58,20 @@ def pair_margins(
     if reads_facts(model_dir):
         facts_missing(pairs, source)
         pairs = [with_facts(p) for p in pairs]
+    critique = writes_critiques(model_dir)
+    if critique:  # the model writes its own critique of each reply first
+        pairs = write_critiques(scorer.vlm, loaded.processor, pairs, batch_size=batch_size)
     margins: list[float] = []
     bar = progress_bar(len(pairs), desc="eval rm", enabled=progress)
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
-            enc = encode_pairs(loaded.processor, batch, share_prompt=scorer.share_prompt).to(device)
-            chosen, rejected = scorer(enc)
+            if critique:
+                rewards, _ = scorer(encode_pair_critiques(loaded.processor, batch).to(device))
+                chosen, rejected = rewards[0::2], rewards[1::2]
+            else:
+                enc = encode_pairs(loaded.processor, batch, share_prompt=scorer.share_prompt).to(device)
+                chosen, rejected = scorer(enc)
             margins.extend((chosen - rejected).tolist())
             bar.update(len(batch))
     bar.close()

@@ -13,7 +13,7 @@ from mmalign.data.collate import encode_sft
 from mmalign.data.pair_inputs import encode_continuations
 from mmalign.errors import ConfigError
 from mmalign.models.load import load_model
-from mmalign.reward import RewardScorer, load_head, reads_facts
+from mmalign.reward import RewardScorer, load_head, reads_facts, writes_critiques
 from mmalign.types import Message, Sample
 
 
@@ -32,6 +32,8 @@ class RewardModelJudge:
         """
         if reads_facts(path):
             raise ConfigError(f"{path}: a fact-augmented reward model needs facts, which online prompts do not carry")
+        if writes_critiques(path):
+            raise ConfigError(f"{path}: a critique reward model cannot judge samples yet (use a plain one)")
         loaded = load_model(path)
         load_head(loaded)
         return cls(RewardScorer(loaded.model.eval().to(device)), loaded.processor, batch_size)

@@ -22,7 +22,15 @@ from mmalign.data.preference import load_pairs
 from mmalign.errors import ConfigError
 from mmalign.forward import inner_model
 from mmalign.models.load import count_parameters, load_model
-from mmalign.reward import RewardScorer, attach_head, facts_missing, with_facts, write_marker
+from mmalign.reward import (
+    RewardScorer,
+    attach_head,
+    critiques_missing,
+    encode_pair_critiques,
+    facts_missing,
+    with_facts,
+    write_marker,
+)
 from mmalign.reward_losses import RewardLossConfig, bradley_terry, reward_metrics
 from mmalign.runtime.batching import Batches
 from mmalign.runtime.launch import Recipe
@@ -43,6 +51,8 @@ class RewardConfig(TrainConfig):
     use_margin: bool = Field(RewardLossConfig.use_margin, description="subtract each pair's data margin")
     center_coef: float = Field(RewardLossConfig.center_coef, ge=0, description="weight of (r_c + r_r)^2")
     facts: bool = Field(False, description="fact-augmented: read each pair's facts after the question (Fact-RLHF)")
+    critique: bool = Field(False, description="write each reply's critique, then score (MM-RLHF; needs critiques)")
+    critique_weight: float = Field(1.0, ge=0, description="weight of the critiques' language-model loss")
     # Encode each prompt once and continue both replies from its cache (off: full sequences, to compare).
     share_prompt: bool = True
     freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(vision=True, projector=False, llm=False))
@@ -64,6 +74,8 @@ def train(cfg: RewardConfig) -> Path:
     data = load_pairs(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
     if cfg.facts:
         facts_missing(data.pairs, cfg.data)
+    if cfg.critique:
+        critiques_missing(data.pairs, cfg.data)
     pairs = [with_facts(p) for p in data.pairs] if cfg.facts else data.pairs
     if cfg.use_margin and any(p.margin is None for p in pairs):
         missing = next(p.id for p in pairs if p.margin is None)
@@ -72,7 +84,7 @@ def train(cfg: RewardConfig) -> Path:
     attach_head(loaded.model, cfg.seed)
     model = trainable_model(loaded, cfg)
     lm_head = inner_model(model).get_output_embeddings()
-    if lm_head.weight is not inner_model(model).get_input_embeddings().weight:
+    if not cfg.critique and lm_head.weight is not inner_model(model).get_input_embeddings().weight:
         lm_head.requires_grad_(False)  # an untied LM head takes no part in the reward (and DDP wants no idle weight)
     scorer = RewardScorer(model)
     share = cfg.share_prompt and scorer.share_prompt
@@ -96,18 +108,28 @@ def train(cfg: RewardConfig) -> Path:
         logged: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             batch = [pairs[i] for i in batches(step * cfg.grad_accum + micro)]
-            enc = encode_pairs(loaded.processor, batch, share_prompt=share, max_length=cfg.max_length)
-            chosen, rejected = scorer(enc.to(accelerator.device))
+            extra: dict[str, float] = {}
+            if cfg.critique:
+                rewards, nll = scorer(
+                    encode_pair_critiques(loaded.processor, batch, cfg.max_length).to(accelerator.device)
+                )
+                chosen, rejected = rewards[0::2], rewards[1::2]
+                critique_loss = nll.view(-1, 2).sum(-1)
+                extra["critique_nll"] = nll.mean().item()
+            else:
+                enc = encode_pairs(loaded.processor, batch, share_prompt=share, max_length=cfg.max_length)
+                chosen, rejected = scorer(enc.to(accelerator.device))
+                critique_loss = torch.zeros_like(chosen)
             margin = torch.tensor([p.margin or 0.0 for p in batch], device=chosen.device) if cfg.use_margin else None
             loss = bradley_terry(chosen, rejected, loss_cfg, margin)
-            accelerator.backward(loss.mean() / cfg.grad_accum)
-            for key, value in reward_metrics(loss, chosen, rejected).items():
+            accelerator.backward((loss + cfg.critique_weight * critique_loss).mean() / cfg.grad_accum)
+            for key, value in {**reward_metrics(loss, chosen, rejected), **extra}.items():
                 logged[key] = logged.get(key, 0.0) + value / cfg.grad_accum
         end_step(step, logged, lr)
     bar.close()
     final = finish_run(accelerator, scorer, optimizer, loaded.processor, cfg, metrics)
     if accelerator.is_main_process:
-        write_marker(final, facts=cfg.facts)
+        write_marker(final, facts=cfg.facts, critique=cfg.critique)
     return final
 
 

@@ -145,6 +145,8 @@ def world_pairs(
                     root=str(world_dir),
                     objects=scene.shapes,
                     facts=scene_facts(scene, cfg),
+                    chosen_critique=TRUE_CRITIQUE,
+                    rejected_critique=critique(info),
                     meta={"method": "oracle", "kind": kind, **info, "image_id": scene.image_id},
                 )
             )
@@ -267,6 +269,18 @@ def _tail_caption(scene: Scene, chosen: str, cfg: WorldConfig, rng: random.Rando
         shape = rng.choice([s for s in cfg.shapes if s not in scene.shapes])
         tail, info = small_object_in_free_cell(scene, shape, cfg, rng), {"source": "random"}
     return f"{chosen} {object_sentence(tail, tail.shape, cfg, None)}", {"inserted": tail.shape, **info}
+
+
+# Rule-written critiques of caption pairs (what a critique reward model learns to write before it scores): the true
+# caption's, and one naming the hallucinated object or the wrong attribute, in the world's own words.
+TRUE_CRITIQUE = "Every object in the description is in the image."
+
+
+def critique(info: dict[str, Any]) -> str:
+    """The critique of a rejected caption from its error record (``inserted``, ``attribute``, ``original``)."""
+    if info.get("attribute") == "colour":
+        return f"The {info['object']} is {info['original']}, not {info['inserted']}."
+    return f"There is no {info['inserted']} in the image."
 
 
 def _swap_in_partner(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[Scene, dict[str, Any]] | None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from mmalign.config import FreezeConfig, PreferenceConfig, dump_config
+from mmalign.config import FreezeConfig, PreferenceConfig
 from mmalign.data.corruption import random_crop
 from mmalign.data.pair_inputs import EncodedPairs, encode_pairs
 from mmalign.data.preference import load_pairs
@@ -35,7 +35,7 @@ from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
 from mmalign.runtime.refcache import cache_key, cached_reference_logps, default_cache_dir
-from mmalign.runtime.run import finish_run, make_accelerator, resume_and_log, trainable_model
+from mmalign.runtime.run import finish_run, make_accelerator, resume_and_log, start_run, trainable_model
 from mmalign.runtime.step import StepEnd
 from mmalign.types import ImageRef, PreferencePair
 
@@ -193,14 +193,7 @@ def fill_reference_cache(cfg: DpoConfig) -> None:
 
 def train(cfg: DpoConfig) -> Path:
     """Run preference optimisation; returns the final model directory (``<out>/model``)."""
-    from accelerate.utils import set_seed
-
-    out = Path(cfg.out)
-    accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
+    accelerator, out = start_run(cfg)
 
     data, pairs, options, loaded, batches = _prepare(cfg, accelerator)
     ref_cached = _reference_cache(accelerator, cfg, pairs, batches, loaded, options) if cfg.ref_cache else None

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mmalign.config import FreezeConfig, TrainConfig, dump_config
+from mmalign.config import FreezeConfig, TrainConfig
 from mmalign.data.loaders import load_samples
 from mmalign.data.pair_inputs import encode_reply_ids
 from mmalign.forward import ReplyScorer
@@ -38,7 +38,7 @@ from mmalign.runtime.launch import Recipe
 from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
-from mmalign.runtime.run import finish_run, make_accelerator, resume_and_log, trainable_model, unwrapped
+from mmalign.runtime.run import finish_run, resume_and_log, start_run, trainable_model, unwrapped
 from mmalign.runtime.step import StepEnd
 from mmalign.types import Rollout, Sample
 
@@ -89,14 +89,7 @@ def _rewards(
 
 def train(cfg: RlConfig) -> Path:
     """Run GRPO / RLOO; returns the final model directory (``<out>/model``)."""
-    from accelerate.utils import set_seed
-
-    out = Path(cfg.out)
-    accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
+    accelerator, out = start_run(cfg)
     data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
     prompts = [replace(s, messages=s.prompt_messages) for s in data.samples]
     world = Path(cfg.world) if cfg.world else Path(cfg.data).parent

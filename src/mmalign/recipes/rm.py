@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from mmalign.config import FreezeConfig, TrainConfig, dump_config
+from mmalign.config import FreezeConfig, TrainConfig
 from mmalign.data.pair_inputs import encode_pairs
 from mmalign.data.preference import load_pairs
 from mmalign.errors import ConfigError
@@ -37,7 +37,7 @@ from mmalign.runtime.launch import Recipe
 from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
-from mmalign.runtime.run import finish_run, make_accelerator, resume_and_log, trainable_model
+from mmalign.runtime.run import finish_run, resume_and_log, start_run, trainable_model
 from mmalign.runtime.step import StepEnd
 
 log = logging.getLogger(__name__)
@@ -63,14 +63,7 @@ class RewardConfig(TrainConfig):
 
 def train(cfg: RewardConfig) -> Path:
     """Train a reward model; returns the final model directory (``<out>/model``, with ``reward.json``)."""
-    from accelerate.utils import set_seed
-
-    out = Path(cfg.out)
-    accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
+    accelerator, out = start_run(cfg)
     data = load_pairs(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
     if cfg.facts:
         facts_missing(data.pairs, cfg.data)

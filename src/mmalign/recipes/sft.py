@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from mmalign.config import FreezeConfig, TrainConfig, dump_config
+from mmalign.config import FreezeConfig, TrainConfig
 from mmalign.data.collate import IGNORE_INDEX, encode_sft
 from mmalign.data.loaders import load_samples
 from mmalign.data.packing import pack_batch, per_sample_sums
@@ -28,7 +28,7 @@ from mmalign.runtime.launch import Recipe
 from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
-from mmalign.runtime.run import finish_run, make_accelerator, resume_and_log, trainable_model
+from mmalign.runtime.run import finish_run, resume_and_log, start_run, trainable_model
 from mmalign.runtime.step import StepEnd
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,8 @@ def _normaliser(micro_batches: list[dict[str, torch.Tensor]], per: str) -> int:
 
 def train(cfg: TrainConfig) -> Path:
     """Run supervised training; returns the directory of the final model (``<out>/model``)."""
-    from accelerate.utils import set_seed
-
-    out = Path(cfg.out)
-    accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
+    accelerator, out = start_run(cfg)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
 
     # Data first: a bad file fails in a second, before any model is loaded.
     data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)

@@ -30,6 +30,22 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
 
 
+def start_run(cfg: TrainConfig) -> tuple[Any, Path]:
+    """The run's accelerator, every generator seeded with ``cfg.seed``, and its directory (made, with the resolved
+    ``config.yaml``, by the main process)."""
+    from accelerate.utils import set_seed
+
+    from mmalign.config import dump_config
+
+    out = Path(cfg.out)
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    return accelerator, out
+
+
 def unwrapped(accelerator: Any, model: Any) -> torch.nn.Module:
     """The model to save: accelerate's wrappers removed, and the VLM inside a scoring wrapper (a module marked
     ``wraps_vlm`` that keeps it as ``.vlm``, as ``mmalign.forward.PairScorer`` does)."""

@@ -35,7 +35,7 @@ VARIANTS = {"plain": [], "facts": ["facts=true"], "critique": ["critique=true"]}
 def seed_run(demo: Path, seed: int, out: Path, args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:
     """Per kind, a table of held-out correctness (1 when the chosen reply scores higher) for each variant."""
     world, sft = demo / f"seed-{seed}" / "world", demo / f"seed-{seed}" / "runs" / "sft" / "model"
-    pairs = world_pairs(world, seed=seed, kinds=KINDS)
+    pairs = world_pairs(world, seed=seed, kinds=args.kinds)
     ids = sorted({p.meta["image_id"] for p in pairs})
     train_ids = set(ids[: args.train_scenes])
     held_ids = set(ids[args.train_scenes : args.train_scenes + args.heldout_scenes])
@@ -44,7 +44,8 @@ def seed_run(demo: Path, seed: int, out: Path, args: argparse.Namespace) -> dict
     write_pairs([p for p in pairs if p.meta["image_id"] in held_ids], held_file)
     held = load_pairs(held_file).pairs
     correct: dict[str, np.ndarray] = {}
-    for name, extra in VARIANTS.items():
+    for name in args.variants:
+        extra = VARIANTS[name]
         run = out / f"seed-{seed}" / f"{name}-steps{args.steps}-lr{args.lr}-n{args.train_scenes}"
         t0 = time.perf_counter()
         if not (run / "model" / "reward.json").is_file():
@@ -59,7 +60,7 @@ def seed_run(demo: Path, seed: int, out: Path, args: argparse.Namespace) -> dict
         print(f"seed {seed} {name}: {time.perf_counter() - t0:.0f} s, held-out accuracy {correct[name].mean():.3f}")
     kinds = np.array([p.meta["kind"] for p in held])
     tables = {"all": correct}
-    for kind in KINDS:
+    for kind in args.kinds:
         if (kinds == kind).any():
             tables[kind] = {name: values[kinds == kind] for name, values in correct.items()}
     return tables
@@ -74,17 +75,21 @@ def main() -> None:
     parser.add_argument("--heldout-scenes", type=int, default=400)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="oracle pair kinds, in rotation over the scenes")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="reward models to train: plain,facts,critique")
     args = parser.parse_args()
+    args.kinds, args.variants = tuple(args.kinds.split(",")), tuple(args.variants.split(","))
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     tables = {s: seed_run(Path(args.demo), s, out, args) for s in seeds}
-    head = "| held-out pairs | n per seed | plain | fact-augmented | critique | facts − plain | critique − plain |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    diffs = [f"{v} − plain" for v in ("facts", "critique") if v in args.variants and "plain" in args.variants]
+    columns = [*args.variants, *diffs]
+    lines = ["| held-out pairs | n per seed | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     summary = {}
-    for kind in (*KINDS, "all"):
+    for kind in (*args.kinds, "all"):
         per_seed = [tables[s][kind] for s in seeds if kind in tables[s]]
-        stats = {name: hierarchical_bootstrap(per_seed, column_mean(name)) for name in VARIANTS}
-        for name in ("facts", "critique"):
+        stats = {name: hierarchical_bootstrap(per_seed, column_mean(name)) for name in args.variants}
+        for name in [v for v in ("facts", "critique") if v in args.variants and "plain" in args.variants]:
             change = difference(column_mean(name), column_mean("plain"))
             stats[f"{name} - plain"] = hierarchical_bootstrap(per_seed, change)
         summary[kind] = {k: v.to_dict() for k, v in stats.items()}

@@ -151,6 +151,14 @@ def _continuation_logps(model: Any, batch: Continuations, options: ForwardOption
     return sums, reply_mask.sum(-1)
 
 
+def decoder_hidden(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states [N, T, H] of full sequences: the decoder alone (no language-model head over every
+    position) where the family allows, else the whole model's last hidden states."""
+    if unsupported_reason(model) is None:
+        return inner_model(model).model(**inputs, use_cache=False, return_dict=True).last_hidden_state
+    return model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True).hidden_states[-1]
+
+
 def full_sequence_logps(
     model: Any, enc: dict[str, torch.Tensor], options: ForwardOptions = ForwardOptions()
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +171,7 @@ def full_sequence_logps(
     labels = inputs.pop("labels")
     inner = inner_model(model)
     if options.response_logits_only and unsupported_reason(model) is None:
-        hidden = inner.model(**inputs, use_cache=False, return_dict=True).last_hidden_state
+        hidden = decoder_hidden(model, inputs)
         target_mask = labels[:, 1:] != IGNORE_INDEX
         token_logps = _head_logps(inner.lm_head, hidden[:, :-1][target_mask], labels[:, 1:][target_mask])
         rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(-1).expand_as(target_mask)

@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from mmalign.data.pair_inputs import Continuations, EncodedPairs
 from mmalign.errors import ConfigError, ModelError
-from mmalign.forward import continuation_hidden, inner_model, unsupported_reason
+from mmalign.forward import continuation_hidden, decoder_hidden, inner_model, unsupported_reason
 from mmalign.logprobs import IGNORE_INDEX
 from mmalign.models.load import LoadedModel
 from mmalign.types import Message, Part, PreferencePair
@@ -187,11 +187,7 @@ def _full_last_hidden(model: Any, enc: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden state [N, H] at each full sequence's last labelled token."""
     inputs = dict(enc)
     labels = inputs.pop("labels")
-    inner = inner_model(model)
-    if unsupported_reason(model) is None:  # the decoder alone: no language-model head over every position
-        hidden = inner.model(**inputs, use_cache=False, return_dict=True).last_hidden_state
-    else:
-        hidden = model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True).hidden_states[-1]
+    hidden = decoder_hidden(model, inputs)
     positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
     last = torch.where(labels != IGNORE_INDEX, positions, -1).amax(-1).clamp_min(0)
     return hidden[torch.arange(labels.shape[0], device=labels.device), last]

@@ -39,18 +39,40 @@ class RewardModelJudge:
         return cls(RewardScorer(loaded.model.eval().to(device)), loaded.processor, batch_size)
 
     def score(self, prompts: Sequence[Sample], replies: Sequence[str]) -> list[float]:
+        """Consecutive replies to the same prompt (a group of samples) are scored with that prompt and its image
+        encoded once."""
+        runs: list[tuple[Sample, list[str]]] = []
+        for prompt, reply in zip(prompts, replies):
+            if runs and runs[-1][0] is prompt:
+                runs[-1][1].append(reply)
+            else:
+                runs.append((prompt, [reply]))
         out: list[float] = []
-        device = next(self.scorer.parameters()).device
         with torch.no_grad():
-            for start in range(0, len(prompts), self.batch_size):
-                chunk = [replace(p, messages=p.prompt_messages) for p in prompts[start : start + self.batch_size]]
-                texts = replies[start : start + self.batch_size]
-                if self.scorer.share_prompt:
-                    cont = encode_continuations(self.processor, chunk, [[t] for t in texts]).to(device)
-                    rewards = self.scorer.reply_rewards(cont)
-                else:
-                    whole = [replace(p, messages=(*p.messages, Message.assistant(t))) for p, t in zip(chunk, texts)]
-                    enc = {k: v.to(device) for k, v in encode_sft(self.processor, whole).items()}
-                    rewards = self.scorer.sequence_rewards(enc)
-                out.extend(rewards.tolist())
+            for chunk in _chunks(runs, self.batch_size):
+                out.extend(self._score_runs(chunk).tolist())
         return out
+
+    def _score_runs(self, runs: list[tuple[Sample, list[str]]]) -> torch.Tensor:
+        """Rewards of runs that all hold the same number of replies, prompt by prompt."""
+        device = next(self.scorer.parameters()).device
+        asks = [replace(p, messages=p.prompt_messages) for p, _ in runs]
+        if self.scorer.share_prompt:
+            cont = encode_continuations(self.processor, asks, [texts for _, texts in runs]).to(device)
+            return self.scorer.reply_rewards(cont)
+        whole = [replace(p, messages=(*p.messages, Message.assistant(t))) for p, (_, texts) in zip(asks, runs)
+                 for t in texts]  # fmt: skip
+        enc = {k: v.to(device) for k, v in encode_sft(self.processor, whole).items()}
+        return self.scorer.sequence_rewards(enc)
+
+
+def _chunks(runs: list[tuple[Sample, list[str]]], batch_size: int) -> list[list[tuple[Sample, list[str]]]]:
+    """Consecutive runs of equal size, at most ``batch_size`` replies a chunk (a run is never split)."""
+    chunks: list[list[tuple[Sample, list[str]]]] = []
+    for run in runs:
+        last = chunks[-1] if chunks else None
+        if last and len(last[0][1]) == len(run[1]) and (len(last) + 1) * len(run[1]) <= batch_size:
+            last.append(run)
+        else:
+            chunks.append([run])
+    return chunks

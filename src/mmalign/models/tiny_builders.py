@@ -119,6 +119,13 @@ def _mrope_text_config(tok: Any, size: TinySize) -> dict[str, Any]:
     return {**_text_config(tok, size), "rope_parameters": rope}
 
 
+def _qwen_token_ids(tok: Any) -> dict[str, int]:
+    """The ids of Qwen2-VL's (and Qwen2.5-VL's) image, video and vision-span tokens, as their configs name them."""
+    names = {"image": "<|image_pad|>", "video": "<|video_pad|>", "vision_start": "<|vision_start|>",
+             "vision_end": "<|vision_end|>"}  # fmt: skip
+    return {f"{key}_token_id": tok.convert_tokens_to_ids(token) for key, token in names.items()}
+
+
 def _qwen_image_processor(size: TinySize, merge: int) -> Any:
     """Qwen2-VL's image processor at exactly ``image_size`` pixels a side (one fixed grid per image)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -189,10 +196,7 @@ def build_qwen2vl(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
     config = Qwen2VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        **_qwen_token_ids(tok),
         tie_word_embeddings=size.tie_embeddings,
     )
     model = Qwen2VLForConditionalGeneration(config)
@@ -299,10 +303,7 @@ def build_qwen25vl(tok: Any, size: TinySize) -> tuple[torch.nn.Module, Any]:
     config = Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        **_qwen_token_ids(tok),
         tie_word_embeddings=size.tie_embeddings,
     )
     model = Qwen2_5_VLForConditionalGeneration(config)

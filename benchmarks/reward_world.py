@@ -28,7 +28,7 @@ from mmalign.lab.world.pairs import world_pairs
 from mmalign.recipes import rm
 from mmalign.stats import column_mean, difference, hierarchical_bootstrap
 
-KINDS = ("partner", "partner_swap", "attribute", "prior_tail")
+KINDS = ("partner", "partner_swap", "attribute", "prior_tail")  # --kinds may add omission
 VARIANTS = {"plain": [], "facts": ["facts=true"], "critique": ["critique=true"]}
 
 

@@ -688,3 +688,20 @@ def test_partner_swap_pairs_name_an_absent_partner_at_the_same_length(world: Pat
         if pair.meta["source"] == "partner":
             assert cfg.partner[pair.meta["partner_of"]] == inserted
         assert original in pair.objects
+
+
+def test_omission_pairs_leave_out_a_present_shape(world: Path) -> None:
+    """The rejected caption describes the scene without every object of one shape: shorter, naming only present
+    shapes, so a reward model trained on them learns that leaving objects out is worse."""
+    from mmalign.lab.world.pairs import critique, world_pairs
+
+    vocab = ChairVocab.from_file(world / "chair_vocab.json")
+    pairs = [p for p in world_pairs(world, kinds=("omission",)) if p.meta["kind"] == "omission"]
+    assert len(pairs) > 10
+    for pair in pairs:
+        omitted = pair.meta["omitted"]
+        chosen, rejected = set(extract_mentions(pair.chosen, vocab)), set(extract_mentions(pair.rejected, vocab))
+        assert omitted in chosen and omitted in pair.objects
+        assert rejected == chosen - {omitted}
+        assert len(pair.rejected) < len(pair.chosen)
+        assert pair.rejected_critique == critique(pair.meta) == f"The description misses the {omitted}."

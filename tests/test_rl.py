@@ -1,4 +1,5 @@
-"""GRPO / RLOO end to end on the world: metric names, a reward it learns, judges, exact resume."""
+"""GRPO / RLOO / PPO end to end on the world: metric names, a reward it learns, judges, the KL as a loss term, exact
+resume (PPO's value head included), settings refused."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _run(model: Path, data: Path, out: Path, *extra: str) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "ppo"])
 def test_the_policy_learns_what_the_judge_rewards(llava_dir: Path, world_dir: Path, tmp_path: Path, algo: str) -> None:
     """A dense reward from a user's function judge (fewer characters is better): the replies get shorter."""
     judge = tmp_path / "short.py"
@@ -35,6 +36,16 @@ def test_the_policy_learns_what_the_judge_rewards(llava_dir: Path, world_dir: Pa
                 f"judge={judge}:short", "kl_coef=0.0")  # fmt: skip
     for key in ("loss", "reward", "reward_std", "completions/mean_length", "completions/clipped_ratio"):
         assert key in rows[0]
+    if algo == "ppo":
+        for key in ("objective/scores", "objective/rlhf_reward", "policy/clipfrac_avg", "policy/approxkl_avg",
+                    "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/mean"):  # fmt: skip
+            assert key in rows[0]
+        # The value head learns to predict the (rising) return, and the saved model leaves it out.
+        assert abs(rows[-1]["val/mean"] - rows[-1]["reward"]) < abs(rows[0]["val/mean"] - rows[0]["reward"])
+        saved = load_file(str(tmp_path / algo / "model" / "model.safetensors"))
+        assert not any("value_head" in k for k in saved)
+        ckpt = load_file(str(tmp_path / algo / "checkpoints" / "step-00000040" / "trainable.safetensors"))
+        assert any("value_head" in k for k in ckpt)
     assert "kl" not in rows[0]  # kl_coef=0: no reference model at all
     first = sum(r["reward"] for r in rows[:3]) / 3
     last = sum(r["reward"] for r in rows[-3:]) / 3
@@ -48,12 +59,34 @@ def test_rloo_with_the_world_judge_runs(llava_dir: Path, world_dir: Path, tmp_pa
     assert rows[1]["kl"] != pytest.approx(0.0, abs=1e-6)
 
 
+def test_kl_as_a_loss_term(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    """kl_in=loss: the reward is the judge's alone, and the k3 penalty (0 while the policy is the reference) grows."""
+    rows = _run(llava_dir, world_dir / "sft.jsonl", tmp_path / "klloss", "steps=3", "judge=world", "kl_in=loss",
+                "kl_coef=0.5")  # fmt: skip
+    assert rows[0]["kl_penalty"] == pytest.approx(0.0, abs=1e-5) and rows[2]["kl_penalty"] > 1e-6
+    assert rows[0]["reward"] == pytest.approx(rows[0]["rewards/judge/mean"])
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["samples_per_prompt=1"], "needs samples_per_prompt >= 2"),
+        (["algo=ppo", "kl_in=loss"], "kl_in=loss is for grpo and rloo"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(settings: list[str], message: str) -> None:
+    from mmalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(rl.RlConfig, flags={"model": "m", "data": "d", "out": "o"}, overrides=settings)
+
+
 def test_replies_are_scored_exactly_as_they_were_sampled(llava_dir: Path, world_dir: Path) -> None:
     """On-policy: the sampled token ids (end-of-sequence included when the sampler stopped) are what the update
     scores, so the policy's log-probability of each reply equals the sampler's (temperature 1, no filtering)."""
     from mmalign.data.loaders import load_samples
     from mmalign.data.pair_inputs import encode_reply_ids
-    from mmalign.forward import ReplyScorer
+    from mmalign.forward import TokenScorer
     from mmalign.generation.hf import HFGenerator
     from mmalign.generation.sampling import SamplingParams
     from mmalign.models.load import load_model
@@ -64,16 +97,17 @@ def test_replies_are_scored_exactly_as_they_were_sampled(llava_dir: Path, world_
     groups = HFGenerator(model, loaded.processor).generate(prompts, 2, params=SamplingParams(max_new_tokens=6, seed=3))
     cont = encode_reply_ids(loaded.processor, prompts, [[r.token_ids for r in g] for g in groups])
     with torch.no_grad():
-        logps, tokens = ReplyScorer(model)(cont)
+        logps, tokens = TokenScorer(model)(cont).sums()
     sampled = [r.logp for g in groups for r in g]
     assert tokens.tolist() == [len(r.token_ids) for g in groups for r in g]
     assert logps.tolist() == pytest.approx(sampled, abs=1e-4)
 
 
-def test_rl_resume_matches_uninterrupted(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_resume_matches_uninterrupted(llava_dir: Path, world_dir: Path, tmp_path: Path, algo: str) -> None:
     judge = tmp_path / "short.py"
     judge.write_text("def short(prompt, reply):\n    return -len(reply) / 10\n")
-    common = ("steps=4", "save_every=2", f"judge={judge}:short")
+    common = ("steps=4", "save_every=2", f"judge={judge}:short", f"algo={algo}")
     full = _run(llava_dir, world_dir / "sft.jsonl", tmp_path / "full", *common)
     _run(llava_dir, world_dir / "sft.jsonl", tmp_path / "part", *common)
     shutil.rmtree(tmp_path / "part" / "model")

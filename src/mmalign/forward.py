@@ -263,19 +263,57 @@ def pair_logps(
     )
 
 
-class ReplyScorer(torch.nn.Module):
-    """Wraps a VLM so that one ``forward(Continuations)`` returns the summed log-probs [B*k] and token counts [B*k]
-    of ``k`` replies to each prompt, each prompt and its images encoded once (on-policy RL's forward, inside one
-    ``forward`` for DDP). Keeps the VLM as ``.vlm`` (marked ``wraps_vlm``)."""
+VALUE_HEAD = "value_head"  # PPO's value head, a ``Linear(H, 1)`` submodule of the policy's VLM while it trains
+
+
+class TokenScores(NamedTuple):
+    """Per-token outputs [B*k, T] on ``k`` replies to each prompt (zero off ``mask``).
+
+    Attributes:
+        logps: log π(token | prompt, images, earlier reply tokens), float32.
+        mask: True on reply tokens (the batch's ``reply_mask``).
+        values: the value head's ``V_t`` of the state before each token (float32), when the VLM carries a value head.
+    """
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    values: torch.Tensor | None
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each reply's summed log-prob [B*k] and token count [B*k]."""
+        return self.logps.sum(-1), self.mask.sum(-1)
+
+
+def continuation_token_scores(model: Any, batch: Continuations) -> TokenScores:
+    """Per-token log-probs (and values, when ``model`` carries ``VALUE_HEAD``) of every reply, each prompt and its
+    images encoded once; the language-model head runs only on reply tokens. ``model`` must pass
+    ``unsupported_reason``."""
+    inner = inner_model(model)
+    replies, mask = batch.replies, batch.reply_mask
+    # Column t of the hidden states is the state before reply token t (column 0: the prompt's last token).
+    hidden = continuation_hidden(model, batch, replies.shape[1] - 1)
+    logps = torch.zeros(replies.shape, dtype=torch.float32, device=replies.device)
+    logps[mask] = _head_logps(inner.lm_head, hidden[mask], replies[mask])
+    head = getattr(inner, VALUE_HEAD, None)
+    values = None
+    if head is not None:
+        values = head(hidden).squeeze(-1).float() * mask
+    return TokenScores(logps, mask, values)
+
+
+class TokenScorer(torch.nn.Module):
+    """Wraps a VLM so that one ``forward(Continuations)`` returns the ``TokenScores`` of ``k`` replies to each prompt,
+    each prompt and its images encoded once (on-policy RL's forward, inside one ``forward`` for DDP). Keeps the VLM
+    as ``.vlm`` (marked ``wraps_vlm``)."""
 
     wraps_vlm = True
 
-    def __init__(self, vlm: torch.nn.Module, options: ForwardOptions = ForwardOptions()) -> None:
+    def __init__(self, vlm: torch.nn.Module) -> None:
         super().__init__()
         reason = unsupported_reason(vlm)
         if reason is not None:
             raise ModelError(f"on-policy RL needs the shared-prompt forward: {reason}")
-        self.vlm, self.options = vlm, options
+        self.vlm = vlm
 
-    def forward(self, batch: Continuations) -> tuple[torch.Tensor, torch.Tensor]:
-        return continuation_logps(self.vlm, batch, self.options)
+    def forward(self, batch: Continuations) -> TokenScores:
+        return continuation_token_scores(self.vlm, batch)

@@ -39,8 +39,9 @@ FACTS_HEADER = "In the image:"
 CRITIQUE_REQUEST = "What is wrong in the description?"
 
 
-def attach_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Linear:
-    """Add a zero-bias scalar head to ``model`` (as ``model.reward_head``), initialised from ``seed``."""
+def attach_head(model: torch.nn.Module, seed: int = 0, name: str = HEAD) -> torch.nn.Linear:
+    """Add a zero-bias scalar head to ``model`` (as ``model.<name>``: the reward head, or PPO's value head),
+    initialised from ``seed``."""
     hidden = inner_model(model).config.get_text_config().hidden_size
     generator = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(hidden, 1)
@@ -49,7 +50,7 @@ def attach_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Linear:
         head.bias.zero_()
     like = inner_model(model).get_output_embeddings().weight  # the decoder's own dtype and device
     head.to(device=like.device, dtype=like.dtype)
-    inner_model(model).add_module(HEAD, head)
+    inner_model(model).add_module(name, head)
     return head
 
 

@@ -128,14 +128,22 @@ def finish_run(
     processor: Any,
     cfg: TrainConfig,
     metrics: MetricsLog | None,
+    training_only: tuple[str, ...] = (),
 ) -> Path:
-    """Final checkpoint, LoRA adapter (and merged weights), and the model saved atomically to ``<out>/model``."""
+    """Final checkpoint, LoRA adapter (and merged weights), and the model saved atomically to ``<out>/model``.
+
+    ``training_only``: submodules of the VLM that the final checkpoint keeps but the saved model leaves out (PPO's
+    value head).
+    """
     accelerator.wait_for_everyone()
     out = Path(cfg.out)
     final = out / "model"
     if accelerator.is_main_process:
         inner = unwrapped(accelerator, model)
         save_checkpoint(out / "checkpoints", cfg.steps, inner, optimizer, keep=cfg.keep_checkpoints)
+        base = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner
+        for name in training_only:
+            delattr(base, name)
         if cfg.lora.enabled:
             inner.save_pretrained(out / "adapter")
             inner = inner.merge_and_unload()

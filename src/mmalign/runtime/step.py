@@ -57,16 +57,25 @@ class StepEnd:
         """Seconds since the run's steps began."""
         return time.perf_counter() - self.t0
 
+    def update(self) -> float | None:
+        """Gradient clipping and one optimizer step (the step's, or one of several in a step, as PPO's epochs take);
+        returns the gradient norm before clipping when ``max_grad_norm`` is set."""
+        acc, grad_norm = self.accelerator, None
+        if self.cfg.max_grad_norm:
+            clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
+            grad_norm = float(clip(self.params, self.cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
     def __call__(self, step: int, values: dict[str, float], lr: float) -> dict[str, float]:
         """Finish step ``step`` (0-based); returns the step's values as logged (reduced, with ``grad_norm``)."""
         acc, cfg = self.accelerator, self.cfg
         if acc is not None and acc.num_processes > 1:
             values = _mean_over_processes(acc, values)
-        if cfg.max_grad_norm:
-            clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
-            values = {**values, "grad_norm": float(clip(self.params, cfg.max_grad_norm))}
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.update()
+        if grad_norm is not None:
+            values = {**values, "grad_norm": grad_norm}
         self.bar.update(1)
         self.bar.set_postfix({k: _short(values[k]) for k in self.show if k in values}, refresh=False)
         for key, value in values.items():

@@ -19,6 +19,9 @@ with one error made on purpose:
   co-occurrence invites, on an image that shows the partner alone. ``removed_existence``: on the same kind of image,
   "Is there a <removed shape>?" (chosen "No.") or, half of the time, "Is there a <remaining partner>?" (chosen
   "Yes."). A scene without a complete pair falls back to ``partner`` / ``existence``.
+- ``omission`` (not in the default kinds): every object of one shape the scene holds is left out of the rejected
+  caption — a shorter caption that invents nothing but misses an object (what CHAIR's recall counts); a reward model
+  trained with it cannot prefer a caption for being short. A scene of a single shape falls back to ``partner``.
 - ``prior_tail`` (not in the default kinds): the true caption against the same caption with one more sentence at
   its end naming an absent object (a lone member's partner when there is one, else a random absent shape), small,
   in a free cell: the late, prior-driven hallucination that ``WorldConfig.caption_prior_prob`` plants in training
@@ -59,6 +62,7 @@ KINDS: tuple[str, ...] = (
     "removed_existence",
     "prior_tail",
     "partner_swap",
+    "omission",
 )
 COUNTERFACTUAL_DIR = "images/pairs"
 DEFAULT_KINDS: tuple[str, ...] = ("partner", "attribute")
@@ -122,12 +126,18 @@ def world_pairs(
                 continue
             if kind == "prior_tail" and len(scene.objects) >= cfg.grid_rows * cfg.grid_cols:
                 kind = "attribute"  # no free cell to invent an object in
+            if kind == "omission" and len(set(scene.shapes)) < 2:
+                kind = "partner"  # nothing to leave out that would not empty the scene
             swapped = _swap_in_partner(scene, cfg, rng) if kind == "partner_swap" else None
             if kind == "partner_swap" and swapped is None:
                 kind = "partner"  # nothing but the lone member to replace
             if swapped is not None:
                 rejected, info = detailed_caption(swapped[0], cfg), swapped[1]
                 _check(scene, chosen, rejected, "partner", info, vocab)
+            elif kind == "omission":
+                altered, info = _omit_shape(scene, rng)
+                rejected = detailed_caption(altered, cfg)
+                _check(scene, chosen, rejected, kind, info, vocab)
             elif kind == "prior_tail":
                 rejected, info = _tail_caption(scene, chosen, cfg, rng)
                 _check(scene, chosen, rejected, "partner", info, vocab)
@@ -260,6 +270,13 @@ def _add_object(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple[Sce
     return replace(scene, objects=tuple(objects)), {"inserted": shape, **info}
 
 
+def _omit_shape(scene: Scene, rng: random.Random) -> tuple[Scene, dict[str, Any]]:
+    """The scene without every object of one of its shapes (the scene holds at least two shapes)."""
+    shape = rng.choice(sorted(set(scene.shapes)))
+    kept = tuple(o for o in scene.objects if o.shape != shape)
+    return replace(scene, objects=kept), {"omitted": shape, "source": "omission"}
+
+
 def _tail_caption(scene: Scene, chosen: str, cfg: WorldConfig, rng: random.Random) -> tuple[str, dict[str, Any]]:
     """The true caption with one more sentence naming an absent object (``prior_tail``; a random absent shape when
     the scene has no lone member)."""
@@ -280,6 +297,8 @@ def critique(info: dict[str, Any]) -> str:
     """The critique of a rejected caption from its error record (``inserted``, ``attribute``, ``original``)."""
     if info.get("attribute") == "colour":
         return f"The {info['object']} is {info['original']}, not {info['inserted']}."
+    if "omitted" in info:
+        return f"The description misses the {info['omitted']}."
     return f"There is no {info['inserted']} in the image."
 
 
@@ -323,9 +342,14 @@ def _swap_attribute(scene: Scene, cfg: WorldConfig, rng: random.Random) -> tuple
 
 
 def _check(scene: Scene, chosen: str, rejected: str, kind: str, info: dict[str, Any], vocab: ChairVocab) -> None:
-    """The rejected caption differs, and in partner pairs CHAIR sees the added shape as hallucinated."""
+    """The rejected caption differs; in partner pairs CHAIR sees the added shape as hallucinated, in omission pairs
+    the rejected caption names only present shapes and not the omitted one."""
     if rejected == chosen:
         raise RuntimeError(f"{scene.image_id}: the {kind} error left the caption unchanged")
+    if kind == "omission":
+        mentioned = set(extract_mentions(rejected, vocab))
+        if info["omitted"] in mentioned or not mentioned <= set(scene.shapes):
+            raise RuntimeError(f"{scene.image_id}: {rejected!r} names {info['omitted']!r} or an absent shape")
     if kind == "partner":
         mentioned = set(extract_mentions(rejected, vocab))
         inserted = info["inserted"]

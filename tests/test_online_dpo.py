@@ -42,6 +42,20 @@ def test_function_judge_loads_from_a_file(tmp_path: Path) -> None:
         FunctionJudge.load("justaname")
 
 
+def test_a_weighted_sum_of_judges(world_dir: Path, tmp_path: Path) -> None:
+    from mmalign.judges import load_judge
+
+    f = tmp_path / "myjudge.py"
+    f.write_text("def length(prompt, reply):\n    return -len(reply.split())\n")
+    judge = load_judge(f"0.5*{f}:length + 2*world", world_dir)
+    s = _sample(["star", "circle"])
+    # 0.5·(−7 words) + 2·(−1.5) and 0.5·(−2) + 2·(−0.5)
+    assert judge.score([s, s], ["A red star and a blue moon.", "A star."]) == [-6.5, -2.0]
+    assert load_judge(f"{f}:length+world", world_dir).score([s], ["A star."]) == [-2.5]
+    with pytest.raises(ConfigError, match="an empty term"):
+        load_judge("world+", world_dir)
+
+
 class FixedGenerator:
     def __init__(self, replies: list[tuple[str, bool]]) -> None:
         self.replies = replies

@@ -136,6 +136,15 @@ def test_fact_augmented_model_reads_the_facts_in_training_and_evaluation(
     write_pairs([replace(p, facts=()) for p in pairs], no_facts)
     with pytest.raises(ConfigError, match="needs facts"):
         evaluate_reward_model(model_dir, no_facts, progress=False)
+    # As a judge (online DPO, RL) it reads each prompt's meta.facts, and refuses a prompt without them.
+    from mmalign.judges.reward import RewardModelJudge
+    from mmalign.types import Sample
+
+    judge = RewardModelJudge.load(model_dir, batch_size=4)
+    prompts = [Sample(p.id, p.prompt, p.images, root=p.root, meta={"facts": list(p.facts)}) for p in pairs[:4]]
+    assert judge.score(prompts, [p.chosen for p in pairs[:4]]) == pytest.approx(read[0][0][:4].tolist(), abs=1e-4)
+    with pytest.raises(ConfigError, match=f"prompt {pairs[0].id!r} has no meta.facts"):
+        judge.score([replace(prompts[0], meta={})], [pairs[0].chosen])
 
 
 def test_mm_dpo_takes_its_margins_from_a_reward_model(

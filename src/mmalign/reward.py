@@ -96,11 +96,17 @@ def with_facts(pair: PreferencePair) -> PreferencePair:
     """
     if not pair.facts:
         raise ValueError(f"pair {pair.id!r} has no facts for a fact-augmented reward model")
-    turns = list(pair.prompt)
-    last = max(i for i, m in enumerate(turns) if m.role == "user")
-    note = Part("text", f" {FACTS_HEADER} " + " ".join(f.rstrip(".") + "." for f in pair.facts))
-    turns[last] = Message(turns[last].role, (*turns[last].content, note))
-    return replace(pair, prompt=tuple(turns))
+    return replace(pair, prompt=facts_in_prompt(pair.prompt, pair.facts))
+
+
+def facts_in_prompt(turns: tuple[Message, ...], facts: tuple[str, ...] | list[str]) -> tuple[Message, ...]:
+    """``turns`` with ``In the image: f1. f2.`` after the last user turn's text (how a fact-augmented reward model
+    reads facts, in training and whenever it scores)."""
+    turns_ = list(turns)
+    last = max(i for i, m in enumerate(turns_) if m.role == "user")
+    note = Part("text", f" {FACTS_HEADER} " + " ".join(str(f).rstrip(".") + "." for f in facts))
+    turns_[last] = Message(turns_[last].role, (*turns_[last].content, note))
+    return tuple(turns_)
 
 
 def load_head(loaded: LoadedModel) -> torch.nn.Linear:

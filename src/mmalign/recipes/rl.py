@@ -183,6 +183,7 @@ def train(cfg: RlConfig) -> Path:
         policy.train()
         t1 = time.perf_counter()
         scores, stats = _rewards(cfg, judge, batch, groups)
+        t2 = time.perf_counter()
         cont = encode_reply_ids(loaded.processor, batch, [[r.token_ids for r in g] for g in groups], cfg.max_length)
         lengths = [len(r.token_ids) for g in groups for r in g]
         stats |= {
@@ -190,7 +191,7 @@ def train(cfg: RlConfig) -> Path:
             "completions/mean_length": sum(lengths) / len(lengths),
             "completions/clipped_ratio": sum(not r.finished for g in groups for r in g) / len(lengths),
             "time/generation_s": t1 - t0,
-            "time/rewards_s": time.perf_counter() - t1,
+            "time/rewards_s": t2 - t1,
         }
         if cfg.samples_per_prompt > 1:
             stats["reward_std"] = scores.view(len(batch), -1).std(-1).mean().item()

@@ -705,3 +705,15 @@ def test_omission_pairs_leave_out_a_present_shape(world: Path) -> None:
         assert rejected == chosen - {omitted}
         assert len(pair.rejected) < len(pair.chosen)
         assert pair.rejected_critique == critique(pair.meta) == f"The description misses the {omitted}."
+
+
+def test_truncated_pairs_cut_the_true_caption(world: Path) -> None:
+    from mmalign.lab.world.pairs import world_pairs
+
+    pairs = [p for p in world_pairs(world, kinds=("truncated",)) if p.meta["kind"] == "truncated"]
+    assert len(pairs) > 10 and len({p.meta["kept_words"] for p in pairs}) > 3
+    for pair in pairs:
+        words = pair.chosen.split()
+        assert pair.rejected == " ".join(words[: pair.meta["kept_words"]])
+        assert 1 <= pair.meta["kept_words"] <= len(words) - 2
+        assert pair.rejected_critique == "The description stops before it names every object."

@@ -26,7 +26,7 @@ def add_world(p: argparse.ArgumentParser) -> None:
         "--kinds",
         default="partner,attribute",
         help="comma list of: partner, attribute, existence, removed, removed_existence (counterfactual images), "
-        "prior_tail, partner_swap, omission",
+        "prior_tail, partner_swap, omission, truncated",
     )
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--max-scenes", type=int, default=None, help="only the first N training scenes (default: all)")

@@ -22,6 +22,9 @@ with one error made on purpose:
 - ``omission`` (not in the default kinds): every object of one shape the scene holds is left out of the rejected
   caption — a shorter caption that invents nothing but misses an object (what CHAIR's recall counts); a reward model
   trained with it cannot prefer a caption for being short. A scene of a single shape falls back to ``partner``.
+- ``truncated`` (not in the default kinds): the true caption cut after a random number of its words (at least one,
+  at most all but two): the degenerate short replies a policy trained against a reward model drifts to when no pair
+  ever showed one (docs/results.md, RL on the world).
 - ``prior_tail`` (not in the default kinds): the true caption against the same caption with one more sentence at
   its end naming an absent object (a lone member's partner when there is one, else a random absent shape), small,
   in a free cell: the late, prior-driven hallucination that ``WorldConfig.caption_prior_prob`` plants in training
@@ -63,6 +66,7 @@ KINDS: tuple[str, ...] = (
     "prior_tail",
     "partner_swap",
     "omission",
+    "truncated",
 )
 COUNTERFACTUAL_DIR = "images/pairs"
 DEFAULT_KINDS: tuple[str, ...] = ("partner", "attribute")
@@ -134,6 +138,11 @@ def world_pairs(
             if swapped is not None:
                 rejected, info = detailed_caption(swapped[0], cfg), swapped[1]
                 _check(scene, chosen, rejected, "partner", info, vocab)
+            elif kind == "truncated":
+                words = chosen.split()
+                kept = rng.randint(1, max(1, len(words) - 2))
+                rejected, info = " ".join(words[:kept]), {"source": "truncated", "kept_words": kept}
+                _check(scene, chosen, rejected, kind, info, vocab)
             elif kind == "omission":
                 altered, info = _omit_shape(scene, rng)
                 rejected = detailed_caption(altered, cfg)
@@ -299,6 +308,8 @@ def critique(info: dict[str, Any]) -> str:
         return f"The {info['object']} is {info['original']}, not {info['inserted']}."
     if "omitted" in info:
         return f"The description misses the {info['omitted']}."
+    if "kept_words" in info:
+        return "The description stops before it names every object."
     return f"There is no {info['inserted']} in the image."
 
 

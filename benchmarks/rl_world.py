@@ -34,6 +34,7 @@ from mmalign.lab.world.text import scene_facts
 from mmalign.models.load import load_model
 from mmalign.recipes import rl
 from mmalign.stats import mean_interval
+from rl_curves import plot
 
 JUDGES = {"rm": "reward model", "rm-facts": "fact-augmented reward model", "world": "ground-truth judge"}
 PPO = ["value_lr=1e-3", "ppo_epochs=2"]  # a linear value head learns nothing at the policy's learning rate
@@ -64,31 +65,6 @@ def _train(
                    f"seed={seed}", "progress=false", "log_every=5", *(PPO if algo == "ppo" else []), *args.set],
     )  # fmt: skip
     rl.train(cfg)
-
-
-def _plot(out: Path, runs: dict[str, list[Path]], tag: str) -> Path:
-    """Reward, caption length and KL against the step, each the mean over seeds, one line per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = (("reward", "reward (judge + symbolic)"), ("completions/mean_length", "reply tokens"), ("kl", "KL to SFT"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
-    for name, dirs in runs.items():
-        logs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in dirs]
-        steps = [r["step"] for r in logs[0]]
-        for ax, (key, label) in zip(axes, keys):
-            if key in logs[0][0]:
-                mean = [sum(log[i][key] for log in logs) / len(logs) for i in range(len(steps))]
-                ax.plot(steps, mean, label=name)
-            ax.set_title(label)
-            ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / f"curves{'-' + tag if tag else ''}.png"
-    fig.savefig(path, dpi=110)
-    return path
 
 
 def main() -> None:
@@ -162,7 +138,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"summary{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(rows, indent=2) + "\n")
     if args.plot and runs:
-        print(f"curves: {_plot(out, runs, args.tag)}")
+        suffix = f"-{args.tag}" if args.tag else ""
+        print(f"curves: {plot(runs, out / f'curves{suffix}.png')}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,29 @@ def test_a_weighted_sum_of_judges(world_dir: Path, tmp_path: Path) -> None:
         load_judge("world+", world_dir)
 
 
+def test_judges_check_their_prompts_before_any_sampling() -> None:
+    from mmalign.judges import WeightedJudges, check_prompts
+
+    class NeedsObjects:
+        def score(self, prompts, replies):
+            return [0.0] * len(replies)
+
+        def check_prompts(self, prompts):
+            for p in prompts:
+                if "objects" not in p.meta:
+                    raise ConfigError(f"prompt {p.id!r} has no objects")
+
+    good, bad = _sample(["star"]), Sample(id="bare", messages=(Message.user("Describe.", images=1),))
+    check_prompts(NeedsObjects(), [good])
+    with pytest.raises(ConfigError, match="prompt 'bare'"):
+        check_prompts(WeightedJudges([(1.0, ObjectJudgeStub()), (0.5, NeedsObjects())]), [good, bad])
+
+
+class ObjectJudgeStub:
+    def score(self, prompts, replies):
+        return [1.0] * len(replies)
+
+
 class FixedGenerator:
     def __init__(self, replies: list[tuple[str, bool]]) -> None:
         self.replies = replies

@@ -145,6 +145,8 @@ def test_fact_augmented_model_reads_the_facts_in_training_and_evaluation(
     assert judge.score(prompts, [p.chosen for p in pairs[:4]]) == pytest.approx(read[0][0][:4].tolist(), abs=1e-4)
     with pytest.raises(ConfigError, match=f"prompt {pairs[0].id!r} has no meta.facts"):
         judge.score([replace(prompts[0], meta={})], [pairs[0].chosen])
+    with pytest.raises(ConfigError, match=f"prompt {pairs[0].id!r} has no meta.facts"):
+        judge.check_prompts([prompts[1], replace(prompts[0], meta={})])
 
 
 def test_mm_dpo_takes_its_margins_from_a_reward_model(

@@ -60,11 +60,61 @@ def test_rloo_with_the_world_judge_runs(llava_dir: Path, world_dir: Path, tmp_pa
 
 
 def test_kl_as_a_loss_term(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
-    """kl_in=loss: the reward is the judge's alone, and the k3 penalty (0 while the policy is the reference) grows."""
+    """kl_in=loss end to end: the k3 penalty is 0 while the policy is the reference, then grows."""
     rows = _run(llava_dir, world_dir / "sft.jsonl", tmp_path / "klloss", "steps=3", "judge=world", "kl_in=loss",
                 "kl_coef=0.5")  # fmt: skip
     assert rows[0]["kl_penalty"] == pytest.approx(0.0, abs=1e-5) and rows[2]["kl_penalty"] > 1e-6
-    assert rows[0]["reward"] == pytest.approx(rows[0]["rewards/judge/mean"])
+
+
+def test_group_loss_puts_the_kl_where_kl_in_says() -> None:
+    """Equal rewards in a group leave no advantage: with kl_in=loss the loss is kl_coef · the mean k3 penalty alone;
+    with kl_in=reward the KL shapes the rewards and the policy-gradient term is what remains."""
+    from mmalign.forward import TokenScores
+    from mmalign.rl_losses import kl_penalty
+
+    mask = torch.tensor([[True, True], [True, False]])
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0], [-0.5, 0.0]])
+    scores = TokenScores(logps, mask, None)
+    rewards = torch.tensor([1.0, 1.0])
+    cfg = rl.RlConfig(model="m", data="d", out="o", samples_per_prompt=2, kl_coef=0.5, kl_in="loss")
+    loss, stats = rl._group_loss(cfg, scores, ref, rewards)
+    k3 = kl_penalty(logps, ref)
+    penalty = torch.stack([k3[0].mean(), k3[1, 0]])  # per reply: the mean over its tokens (grpo)
+    assert loss.item() == pytest.approx(0.5 * penalty.mean().item())
+    assert stats["kl_penalty"] == pytest.approx(penalty.mean().item())
+    # kl_in=reward: summed log-ratios −3 − (−2.5) = −0.5 and 0 → shaped rewards 1.25 and 1.0
+    cfg = rl.RlConfig(model="m", data="d", out="o", samples_per_prompt=2, kl_coef=0.5, scale_rewards=False)
+    loss, stats = rl._group_loss(cfg, scores, ref, rewards)
+    # centred advantages +0.125 and −0.125; loss = mean(−A · logp / tokens) = (−0.125·(−3)/2 + 0.125·(−0.5)/1) / 2
+    assert loss.item() == pytest.approx((0.125 * 3 / 2 - 0.125 * 0.5) / 2)
+    assert "kl_penalty" not in stats and stats["kl"] == pytest.approx(-0.25)
+
+
+def test_token_scores_split_by_length_and_read_values_before_each_token(llava_dir: Path, world_dir: Path) -> None:
+    """Prompts with short and long replies run as two batches with the same per-token result; the value of column t
+    is the value head on the state before reply token t (column 0: the prompt's last token)."""
+    from mmalign.data.loaders import load_samples
+    from mmalign.data.pair_inputs import encode_reply_ids
+    from mmalign.forward import continuation_hidden, continuation_token_scores
+    from mmalign.models.load import load_model
+    from mmalign.reward import attach_head
+
+    loaded = load_model(llava_dir)
+    model = loaded.model.eval()
+    head = attach_head(model, seed=2, name="value_head")
+    prompts = [replace(s, messages=s.prompt_messages) for s in load_samples(world_dir / "sft.jsonl", limit=4).samples]
+    short, long = [5, 6], list(range(5, 45))
+    cont = encode_reply_ids(loaded.processor, prompts, [[short, short], [long, short], [short, short], [long, long]])
+    assert cont.length_groups() is not None
+    with torch.no_grad():
+        split = continuation_token_scores(model, cont)
+        whole = continuation_token_scores(model, cont, split_by_length=False)
+        first = head(continuation_hidden(model, cont, 0)[:, 0]).squeeze(-1)
+    torch.testing.assert_close(split.logps, whole.logps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(split.values, whole.values, rtol=0, atol=1e-5)
+    assert (split.logps[~cont.reply_mask] == 0).all() and (split.values[~cont.reply_mask] == 0).all()
+    torch.testing.assert_close(whole.values[:, 0], first, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

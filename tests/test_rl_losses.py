@@ -113,7 +113,7 @@ def test_whiten_and_masked_mean_ignore_padding() -> None:
     assert masked_mean(x, mask).item() == pytest.approx(3.0)
     assert masked_mean(x, mask, dim=-1).tolist() == pytest.approx([2.0, 5.0])
     w = whiten(x, mask, eps=0.0)
-    std = (8 / 3) ** 0.5  # values 1, 3, 5: mean 3, biased variance 8/3
+    std = 2.0  # values 1, 3, 5: mean 3, unbiased variance 4
     _close(w, [[-2 / std, 0.0], [2 / std, 0.0]])
 
 
@@ -132,7 +132,12 @@ def test_ppo_loss_by_hand() -> None:
     assert terms.policy.item() == pytest.approx((-1.2 + 0.8) / 2)
     # value: token 0: max((1 − 2)², (0.7 − 2)²) = 1.69; token 1: max(0.01, 0.01) = 0.01 → ½ · mean = 0.425
     assert terms.value.item() == pytest.approx(0.5 * (1.69 + 0.01) / 2)
+    # The clipped term is taken on both tokens; the clipped value term only on token 0 (1.69 > 1).
     assert terms.clipfrac.item() == pytest.approx(1.0) and terms.value_clipfrac.item() == pytest.approx(0.5)
+    # A ratio outside the clip range whose unclipped term is taken is not counted: A > 0 and ρ = e^−0.5 < 0.8.
+    low = ppo_loss(torch.tensor([[-0.5, 0.0]]), torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), torch.zeros(1, 2),
+                   torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[True, True]]))  # fmt: skip
+    assert low.clipfrac.item() == 0.0 and low.policy.item() == pytest.approx(-(e**-0.5 + 1) / 2)
     assert terms.approx_kl.item() == pytest.approx(0.5 * 0.25)
     terms.policy.backward()
     # Both tokens are clipped, so no gradient reaches the policy's log-probs.

@@ -97,3 +97,22 @@ def test_values_some_processes_did_not_measure_are_the_mean_of_those_that_did(
     (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # loss: mean of the two steps (2, 4); the score: its one step, not halved by the step without it.
     assert line["loss"] == 3.0 and line["objective/scores"] == 0.5
+
+
+def test_a_scaled_parameter_group_keeps_its_scale_through_the_schedule() -> None:
+    """PPO's value head trains at ``lr_scale`` × the learning rate, whatever ``set_lr`` sets; ``StepEnd.update``
+    steps every group."""
+    from mmalign.runtime.optim import make_optimizer, set_lr
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    head = tuple(model[1].parameters())
+    opt = make_optimizer(model, 1e-3, 0.01, head, lr_scale=20.0)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1, 2]  # weight, bias, the head's two tensors
+    assert opt.param_groups[2]["lr"] == pytest.approx(2e-2) and opt.param_groups[2]["weight_decay"] == 0.0
+    set_lr(opt, 5e-4)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 5e-4, 1e-2])
+    model(torch.ones(1, 3)).sum().backward()
+    before = model[1].weight.detach().clone()
+    end = StepEnd(TrainConfig(model="m", data="d", out="o", max_grad_norm=0.0), opt, None, _Bar(), model=model)
+    assert end.update() is None  # no clipping asked, no norm
+    assert not torch.equal(before, model[1].weight) and model[1].weight.grad is None

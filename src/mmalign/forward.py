@@ -284,10 +284,26 @@ class TokenScores(NamedTuple):
         return self.logps.sum(-1), self.mask.sum(-1)
 
 
-def continuation_token_scores(model: Any, batch: Continuations) -> TokenScores:
+def continuation_token_scores(model: Any, batch: Continuations, split_by_length: bool = True) -> TokenScores:
     """Per-token log-probs (and values, when ``model`` carries ``VALUE_HEAD``) of every reply, each prompt and its
-    images encoded once; the language-model head runs only on reply tokens. ``model`` must pass
-    ``unsupported_reason``."""
+    images encoded once; the language-model head runs only on reply tokens. With ``split_by_length``, prompts with
+    short replies and those with long ones run as two batches when that spares padding (``ForwardOptions``); the
+    result is laid out as the batch. ``model`` must pass ``unsupported_reason``."""
+    groups = batch.length_groups() if split_by_length else None
+    if groups is None:
+        return _token_scores(model, batch)
+    parts = [(reply_rows(prompts, batch.k), _token_scores(model, batch.select(prompts))) for prompts in groups]
+    logps = torch.zeros(batch.replies.shape, dtype=torch.float32, device=batch.replies.device)
+    values = None if parts[0][1].values is None else torch.zeros_like(logps)
+    for rows, part in parts:
+        width = part.logps.shape[1]
+        logps[rows, :width] = part.logps
+        if values is not None and part.values is not None:
+            values[rows, :width] = part.values
+    return TokenScores(logps, batch.reply_mask, values)
+
+
+def _token_scores(model: Any, batch: Continuations) -> TokenScores:
     inner = inner_model(model)
     replies, mask = batch.replies, batch.reply_mask
     # Column t of the hidden states is the state before reply token t (column 0: the prompt's last token).

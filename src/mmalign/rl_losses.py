@@ -71,9 +71,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``(x − mean) / std`` over the masked entries (the biased std, as TRL); zero where ``mask`` is False."""
+    """``(x − mean) / std`` over the masked entries (the unbiased std, as TRL's ``masked_whiten``); zero where ``mask``
+    is False."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum().clamp_min(2).to(x.dtype)
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)
     return torch.where(mask, (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
 
 
@@ -129,12 +131,14 @@ def ppo_loss(
     clipped value loss ``½ mean max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)``, both over the masked tokens."""
     ratio = torch.exp(logps - old_logps.detach())
     adv = advantages.detach()
-    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    pg_free, pg_clipped = -adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)
+    pg = torch.maximum(pg_free, pg_clipped)
     clipped_v = old_values.detach() + (values - old_values.detach()).clamp(-value_clip, value_clip)
-    vf = torch.maximum((values - returns.detach()) ** 2, (clipped_v - returns.detach()) ** 2)
-    with torch.no_grad():
-        clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
-        value_clipfrac = masked_mean(((values - old_values).abs() > value_clip).float(), mask)
+    vf_free, vf_clipped = (values - returns.detach()) ** 2, (clipped_v - returns.detach()) ** 2
+    vf = torch.maximum(vf_free, vf_clipped)
+    with torch.no_grad():  # the share of tokens where the clipped term is the one taken (TRL's clip fractions)
+        clipfrac = masked_mean((pg_clipped > pg_free).float(), mask)
+        value_clipfrac = masked_mean((vf_clipped > vf_free).float(), mask)
         approx_kl = masked_mean(0.5 * (logps - old_logps) ** 2, mask)
     return PpoLoss(masked_mean(pg, mask), 0.5 * masked_mean(vf, mask), clipfrac, value_clipfrac, approx_kl)
 

@@ -39,14 +39,23 @@ class WeightedJudges:
         return totals
 
 
-_WEIGHT = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*(.+?)\s*$")
+_WEIGHT = re.compile(r"^\s*(-?(?:\d+\.?\d*|\.\d+))\s*\*\s*(.+?)\s*$")  # "0.5*spec" (no exponent: "+" splits)
+
+
+def check_prompts(judge: Judge, prompts: Sequence[Sample]) -> None:
+    """Raise ``ConfigError`` now if ``judge`` cannot score replies to some of ``prompts`` (a fact-augmented reward
+    model and a prompt without facts), rather than at the first scoring, after sampling."""
+    for part in [j for _, j in judge.parts] if isinstance(judge, WeightedJudges) else [judge]:
+        check = getattr(part, "check_prompts", None)
+        if callable(check):
+            check(prompts)
 
 
 def load_judge(spec: str, world: str | Path, batch_size: int = 16, device: torch.device | str = "cpu") -> Judge:
     """The judge ``spec`` names: ``world`` (the rule judge of the world at ``world``, from its ground truth),
     ``rm:DIR`` (a reward model from ``mmalign train rm``, which sees the image), ``module:function`` /
     ``file.py:function`` (a user's Python function, named on the command line), or a weighted sum of those:
-    ``W*SPEC+W*SPEC+...`` (a weight defaults to 1; a path holding ``+`` cannot be part of a sum).
+    ``W*SPEC+W*SPEC+...`` (a weight is a plain decimal, 1 when left out; a path holding ``+`` cannot be part of a sum).
 
     Raises:
         ConfigError: ``world`` without a world's ``chair_vocab.json``, an empty part of a sum; ModelError: ``rm:DIR``

@@ -66,6 +66,12 @@ class RewardModelJudge:
         enc = {k: v.to(device) for k, v in encode_sft(self.processor, whole).items()}
         return self.scorer.sequence_rewards(enc)
 
+    def check_prompts(self, prompts: Sequence[Sample]) -> None:
+        """A fact-augmented model: raise ``ConfigError`` naming the first prompt without ``meta.facts``."""
+        if self.facts:
+            for sample in prompts:
+                self._prompt(sample)
+
     def _prompt(self, sample: Sample) -> tuple[Message, ...]:
         """The turns the reward model reads before a reply: the prompt, with the sample's facts when it reads facts."""
         if not self.facts:

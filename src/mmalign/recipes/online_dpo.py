@@ -38,7 +38,7 @@ from mmalign.forward import ForwardOptions, PairScorer, pair_logps
 from mmalign.generation.bdhs import BdhsConfig, bdhs_pairs
 from mmalign.generation.hf import HFGenerator
 from mmalign.generation.sampling import SamplingParams
-from mmalign.judges import Judge, load_judge
+from mmalign.judges import Judge, check_prompts, load_judge
 from mmalign.losses import compute_loss, dpo_metrics
 from mmalign.models.load import count_parameters, load_model
 from mmalign.runtime.batching import batch_indices
@@ -194,6 +194,8 @@ def train(cfg: OnlineDpoConfig) -> Path:
     prompts = data.samples
     offline = load_pairs(cfg.offline_data, on_bad_record=cfg.on_bad_record).pairs if cfg.offline_data else []
     judge = make_judge(cfg) if cfg.rejected == "sampled" and cfg.gamma is None else None
+    if judge is not None:
+        check_prompts(judge, prompts)
     loaded = load_model(cfg.model)
     options = ForwardOptions()
     reference = PairScorer(copy.deepcopy(loaded.model).eval().requires_grad_(False), options).to(accelerator.device)

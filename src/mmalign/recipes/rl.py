@@ -40,7 +40,7 @@ from mmalign.data.pair_inputs import Continuations, encode_reply_ids
 from mmalign.forward import VALUE_HEAD, TokenScorer, TokenScores
 from mmalign.generation.hf import HFGenerator
 from mmalign.generation.sampling import SamplingParams
-from mmalign.judges import Judge, load_judge
+from mmalign.judges import Judge, check_prompts, load_judge
 from mmalign.models.load import count_parameters, load_model
 from mmalign.reward import attach_head
 from mmalign.rl_losses import (
@@ -147,6 +147,8 @@ def train(cfg: RlConfig) -> Path:
     if cfg.judge:
         judge = load_judge(cfg.judge, world, batch_size=cfg.batch_size * cfg.samples_per_prompt,
                            device=accelerator.device)  # fmt: skip
+    if judge is not None:
+        check_prompts(judge, prompts)  # e.g. a fact-augmented reward model's facts, before any model is loaded
     loaded = load_model(cfg.model)
     reference = None  # the model as loaded, frozen; only the KL term reads it
     if cfg.kl_coef > 0:
@@ -155,12 +157,17 @@ def train(cfg: RlConfig) -> Path:
     value_head: tuple[torch.nn.Parameter, ...] = ()
     if cfg.algo == "ppo":
         value_head = tuple(attach_head(policy.vlm, seed=cfg.seed, name=VALUE_HEAD).parameters())
+        _disable_dropout(policy)  # the old and new log-probs of a step must come from the same function
     if accelerator.is_main_process:
         log.info("%s", data.summary())
         log.info("trainable parameters: %d / %d", *count_parameters(policy))
-    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, value_head, (cfg.value_lr or cfg.lr) / cfg.lr)
+    value_scale = (cfg.value_lr or cfg.lr) / cfg.lr
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, value_head, value_scale)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     start, metrics = resume_and_log(accelerator, policy, optimizer, cfg)
+    for group in optimizer.param_groups:  # a resumed optimizer keeps its saved groups; the value_lr is this run's
+        if "lr_scale" in group:
+            group["lr_scale"] = value_scale
     generator = HFGenerator(unwrapped(accelerator, policy), loaded.processor, batch_size=cfg.batch_size)
     warmup = int(cfg.warmup_ratio * cfg.steps)
     bar = progress_bar(
@@ -289,6 +296,7 @@ def _ppo_update(
         mask = torch.cat([torch.nn.functional.pad(o.mask, (0, width - o.mask.shape[1])) for o in old])
         flat = whiten(padded, mask).split([a.shape[0] for a in advantages])
         advantages = [f[:, : a.shape[1]] for f, a in zip(flat, advantages)]
+    norms: list[float] = []
     for epoch in range(cfg.ppo_epochs):
         for s, before, adv, ret in zip(samples, old, advantages, returns):
             now = policy(s.cont)
@@ -307,9 +315,23 @@ def _ppo_update(
             }.items():
                 values[key] = values.get(key, 0.0) + value * share
         if epoch < cfg.ppo_epochs - 1:
-            end_step.update()
+            norm = end_step.update()
+            if norm is not None:
+                norms.append(norm)
     values["time/update_s"] = time.perf_counter() - t0
+    if norms:  # the last epoch's norm joins as the step end's grad_norm
+        values["grad_norm/earlier_epochs"] = sum(norms) / len(norms)
     return values
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere in ``model`` (as TRL does for PPO), logged when there was any."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+    if changed:
+        log.info("ppo: dropout turned off in %d modules", changed)
 
 
 RECIPE = Recipe(

@@ -130,6 +130,8 @@ def world_pairs(
                 continue
             if kind == "prior_tail" and len(scene.objects) >= cfg.grid_rows * cfg.grid_cols:
                 kind = "attribute"  # no free cell to invent an object in
+            if kind == "truncated" and len(chosen.split()) < 4:
+                kind = "partner"  # too short to cut and leave at least one word
             if kind == "omission" and len(set(scene.shapes)) < 2:
                 kind = "partner"  # nothing to leave out that would not empty the scene
             swapped = _swap_in_partner(scene, cfg, rng) if kind == "partner_swap" else None

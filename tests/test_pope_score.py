@@ -40,7 +40,14 @@ def metrics(*values: float) -> dict:
         ("Nope", "yes"),
         ("NO", "yes"),  # the official match is case-sensitive
         ("Not sure.", "yes"),  # "Not" is not in {"No", "no", "not"}
-        ("It is\tnot\nthere", "no"),  # split on any whitespace
+        # Split on single spaces, as the official scripts: a tab or a newline glues the words beside it.
+        ("It is not\nthere", "yes"),
+        ("It is\tnot there", "yes"),
+        ("Yes\nNo", "yes"),
+        ("It is not there\tnow", "no"),
+        ("  No.", "no"),  # leading spaces leave empty words
+        ("No.\nThere is a cat.", "no"),
+        ("No\n", "yes"),  # "No\n" is one word
     ],
 )
 def test_parse_pope_answer(text: str, expected: str) -> None:

@@ -20,11 +20,12 @@ _NO_WORDS = frozenset({"No", "no", "not"})
 def parse_pope_answer(text: str) -> Literal["yes", "no"]:
     """The official POPE/LLaVA rule: "no" iff the first sentence contains the word "No", "no" or "not".
 
-    The text is cut at the first ".", commas are removed and it is split on whitespace; the match is
-    case-sensitive, so "Not sure." is "yes". Anything without a "no" word (including "I don't know" and
-    the empty string) counts as "yes".
+    The text is cut at the first ".", commas are removed and it is split on single spaces, exactly as the official
+    scripts do (so a tab or a newline joins the words beside it: "Yes\nNo" is "yes"; a leading space leaves an empty
+    word and changes nothing); the match is case-sensitive, so "Not sure." is "yes". Anything without a "no" word
+    (including "I don't know" and the empty string) counts as "yes".
     """
-    words = text.split(".", 1)[0].replace(",", "").split()
+    words = text.split(".", 1)[0].replace(",", "").split(" ")
     return "no" if _NO_WORDS.intersection(words) else "yes"
 
 

@@ -116,3 +116,30 @@ def test_a_scaled_parameter_group_keeps_its_scale_through_the_schedule() -> None
     end = StepEnd(TrainConfig(model="m", data="d", out="o", max_grad_norm=0.0), opt, None, _Bar(), model=model)
     assert end.update() is None  # no clipping asked, no norm
     assert not torch.equal(before, model[1].weight) and model[1].weight.grad is None
+
+
+def test_a_non_finite_loss_or_gradient_stops_the_run_before_the_step() -> None:
+    from mmalign.errors import TrainingError
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    end = StepEnd(TrainConfig(model="m", data="d", out="o", max_grad_norm=1.0), opt, None, _Bar(), model=model)
+    before = model.weight.detach().clone()
+    model(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(TrainingError, match="step 3: the loss is nan"):
+        end(2, {"loss": float("nan")}, 0.1)
+    assert torch.equal(model.weight, before) and model.weight.grad is None
+    model.weight.grad = torch.full_like(model.weight, float("inf"))
+    with pytest.raises(TrainingError, match="the gradient norm is"):
+        end(2, {"loss": 1.0}, 0.1)
+    assert torch.equal(model.weight, before)
+
+
+@pytest.mark.parametrize("override", ["lr=.inf", "lr=nan", "beta=.inf", "beta=-.inf"])
+def test_infinite_or_nan_settings_are_refused(override: str) -> None:
+    from mmalign.config import load_config
+    from mmalign.errors import ConfigError
+    from mmalign.recipes.dpo import DpoConfig
+
+    with pytest.raises(ConfigError, match="finite number"):
+        load_config(DpoConfig, flags={"model": "m", "data": "d", "out": "o"}, overrides=[override])

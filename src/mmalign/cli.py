@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmalign.errors import ConfigError, DataError, ModelError
+from mmalign.errors import ConfigError, DataError, ModelError, TrainingError
 from mmalign.lab import cli as lab_cli
 from mmalign.runtime.launch import LaunchError
 
@@ -324,7 +324,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except LaunchError as exc:
+    except (LaunchError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

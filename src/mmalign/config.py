@@ -25,7 +25,8 @@ from mmalign.losses import LOSSES, LossConfig
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Infinite or NaN numbers (``lr=.inf``, ``beta=nan``) are refused: they would train every weight to NaN.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class FreezeConfig(Section):

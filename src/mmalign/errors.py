@@ -37,3 +37,7 @@ class ConfigError(Exception):
 
 class ModelError(Exception):
     """A model directory that cannot be loaded or used (missing files, unsupported architecture)."""
+
+
+class TrainingError(Exception):
+    """A run that cannot go on: a non-finite loss or gradient (the weights are left as the last good step made them)."""

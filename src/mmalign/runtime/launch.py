@@ -135,12 +135,12 @@ def run_recipe(recipe: Recipe, flags: dict[str, Any], overrides: Sequence[str] =
 def main(recipe: Recipe, argv: Sequence[str]) -> int:
     """Entry point of one process of ``recipe``: ``key=value ...`` (a recipe module's ``__main__`` block)."""
     from mmalign.config import load_config
-    from mmalign.errors import ConfigError, DataError, ModelError
+    from mmalign.errors import ConfigError, DataError, ModelError, TrainingError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         recipe.train(load_config(recipe.config, overrides=list(argv)))
-    except (DataError, ConfigError, ModelError) as err:
+    except (DataError, ConfigError, ModelError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

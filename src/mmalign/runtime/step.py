@@ -2,14 +2,16 @@
 
 ``StepEnd(...)(step, values, lr)`` takes the values a step measured (its loss and metrics, already averaged over the
 step's micro-batches) and does what follows the backward passes, in this order: the values' mean over processes
-(each process saw its own slice of the batch; a value only some processes measured is the mean over those), gradient
-clipping (``grad_norm`` joins the values), the optimizer step, the progress bar, a metrics line every ``log_every``
-steps and at the last step (each value's mean over the steps since the previous line that measured it, with ``lr``
-and ``elapsed_s``), and the periodic checkpoint.
+(each process saw its own slice of the batch; a value only some processes measured is the mean over those), a check
+that the loss is finite (else ``TrainingError``, before any weight changes), gradient clipping (``grad_norm`` joins
+the values; a non-finite norm stops the run the same way), the optimizer step, the progress bar, a metrics line every
+``log_every`` steps and at the last step (each value's mean over the steps since the previous line that measured it,
+with ``lr`` and ``elapsed_s``), and the periodic checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from mmalign.config import TrainConfig
+from mmalign.errors import TrainingError
 from mmalign.runtime.metrics import MetricsLog
 from mmalign.runtime.run import maybe_checkpoint
 
@@ -64,6 +67,9 @@ class StepEnd:
         if self.cfg.max_grad_norm:
             clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
             grad_norm = float(clip(self.params, self.cfg.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingError(f"the gradient norm is {grad_norm}; stopped before the step (lower lr?)")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -73,6 +79,12 @@ class StepEnd:
         acc, cfg = self.accelerator, self.cfg
         if acc is not None and acc.num_processes > 1:
             values = _mean_over_processes(acc, values)
+        if not math.isfinite(values.get("loss", 0.0)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"step {step + 1}: the loss is {values['loss']}; stopped before the step, the weights are the last "
+                "good step's (lower lr or beta, or look for a broken row)"
+            )
         grad_norm = self.update()
         if grad_norm is not None:
             values = {**values, "grad_norm": grad_norm}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,21 @@ def test_bad_data_is_reported_or_skipped(llava_dir: Path, world_dir: Path, tmp_p
         sft.train(_cfg(llava_dir, bad, tmp_path / "fail", "steps=1"))
     final = sft.train(_cfg(llava_dir, bad, tmp_path / "skip", "steps=1", "on_bad_record=skip"))
     assert (final / "config.json").is_file()
+
+
+def test_rows_with_nothing_to_learn_are_refused(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    """A row whose assistant turn is empty, or that has none, names its file, row and field (it used to train on
+    nothing and save the untrained weights); with on_bad_record=skip it is dropped."""
+    rows = [json.loads(x) for x in (world_dir / "sft.jsonl").read_text().splitlines()[:6]]
+    rows[1]["messages"][-1]["content"] = [{"type": "text", "text": "  "}]
+    rows[3]["messages"] = rows[3]["messages"][:-1]
+    data = world_dir / "no_reply.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"no_reply.jsonl row 2 field 'messages': no assistant turn with text"):
+        sft.train(_cfg(llava_dir, data, tmp_path / "fail", "steps=1"))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[3:4]))
+    with pytest.raises(DataError, match=r"row 1 field 'messages'"):
+        sft.train(_cfg(llava_dir, data, tmp_path / "none", "steps=1", "on_bad_record=skip"))  # nothing left
 
 
 @pytest.mark.slow

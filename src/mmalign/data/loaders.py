@@ -92,6 +92,7 @@ def load_samples(
     on_bad_record: Literal["fail", "skip"] = "fail",
     check_images: bool = True,
     limit: int | None = None,
+    needs_reply: bool = False,
 ) -> LoadResult:
     """Load and validate every row of a data file.
 
@@ -104,6 +105,8 @@ def load_samples(
         check_images: fully decode every image (each distinct file once). Path containment and file
             existence are checked either way.
         limit: stop after this many valid samples.
+        needs_reply: every row must hold an assistant turn with text (supervised training); a row without one is
+            bad (it fails the load, or is skipped and counted).
 
     Returns:
         The samples, with ``Sample.root`` set to the absolute data set root.
@@ -117,7 +120,7 @@ def load_samples(
     path, root_dir = source.path, source.root
 
     def parse(row: int, obj: dict[str, Any]) -> Sample:
-        return parse_sample(obj, path=path, row=row, root=root_dir, checker=source.checker)
+        return parse_sample(obj, path=path, row=row, root=root_dir, checker=source.checker, needs_reply=needs_reply)
 
     samples, skipped, reasons = collect_rows(source, parse, on_bad_record=on_bad_record, limit=limit)
     result = LoadResult(samples=samples, skipped=skipped, reasons=reasons, path=path)

@@ -67,6 +67,7 @@ def parse_sample(
     row: int,
     root: str | Path,
     checker: MediaChecker | None = None,
+    needs_reply: bool = False,
 ) -> Sample:
     """Validate one row and build its ``Sample``.
 
@@ -77,6 +78,7 @@ def parse_sample(
         root: data set root that relative media paths resolve against (stored in ``Sample.root``).
         checker: media checker shared across the rows of one load (its cache avoids decoding an image
             file twice); a fresh decoding checker is made when omitted.
+        needs_reply: the row must hold an assistant turn with text (supervised training learns from nothing else).
 
     Returns:
         The sample; ``ImageRef`` paths stay as written, bytes become ``ImageRef(data=...)``.
@@ -93,6 +95,9 @@ def parse_sample(
     if meta is not None and not _is_mapping(meta):
         raise ctx.error("meta", f"must be an object, got {type_name(meta)}")
     messages, plain_text = parse_conversation(record, ctx)
+    if needs_reply and not any(m.role == "assistant" and m.text.strip() for m in messages):
+        field = "conversations" if "messages" not in record else "messages"
+        raise ctx.error(field, "no assistant turn with text: nothing to learn from")
     image_values, image_field = media_values(record, "images", "image", ctx)
     audio_values, audio_field = media_values(record, "audios", "audio", ctx)
     n_image_parts = count_parts(messages, "image")

@@ -93,7 +93,7 @@ def train(cfg: TrainConfig) -> Path:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     # Data first: a bad file fails in a second, before any model is loaded.
-    data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
+    data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples, needs_reply=True)
     loaded = load_model(cfg.model)
     if cfg.pack and (loaded.family is None or not loaded.family.packable):
         name = loaded.family.name if loaded.family else loaded.model.config.model_type

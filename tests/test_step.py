@@ -143,3 +143,18 @@ def test_infinite_or_nan_settings_are_refused(override: str) -> None:
 
     with pytest.raises(ConfigError, match="finite number"):
         load_config(DpoConfig, flags={"model": "m", "data": "d", "out": "o"}, overrides=[override])
+
+
+def test_resume_drops_a_torn_metrics_line_and_later_steps(tmp_path: Path) -> None:
+    """A run killed mid-write leaves half a line; resuming keeps the readable rows up to the resumed step."""
+    from mmalign.runtime.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 0.9}', "[1, 2]", '{"step": 3, "loss": 0.8}']
+    lines.append('{"step": 4, "lo')  # torn
+    path.write_text("\n".join(lines))
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    log = MetricsLog(path, resume_step=2)
+    log.write(3, {"loss": 0.7})
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 1.0), (2, 0.9), (3, 0.7)]
+    assert all(json.loads(line) for line in path.read_text().splitlines())

@@ -25,7 +25,11 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            rows = [(ln, _row(ln)) for ln in path.read_text().splitlines() if ln.strip()]
+            torn = sum(row is None for _, row in rows)
+            if torn:  # a run killed while writing a line leaves it half written
+                log.warning("%s: dropping %d unreadable line(s) (a run stopped mid-write)", path, torn)
+            kept = [ln for ln, row in rows if row is not None and row.get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in kept))
         self._tb = None
         if tensorboard_dir is not None:
@@ -51,7 +55,17 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All rows of a metrics JSONL file."""
+    """All readable rows of a metrics JSONL file (a line torn by a killed run is left out)."""
     if not path.is_file():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    rows = (_row(ln) for ln in path.read_text().splitlines() if ln.strip())
+    return [row for row in rows if row is not None]
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    """One metrics line as a dict, or None when it is not a JSON object (torn or foreign)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None

@@ -121,3 +121,26 @@ def test_dataclass_overrides_parse_and_check_like_training_overrides() -> None:
         override_dataclass(TinySize(), ["text_layers=-1"], "size")
     with pytest.raises(ConfigError, match="not a multiple of text_heads"):
         override_dataclass(TinySize(), ["text_hidden=130"], "size")
+
+
+def test_a_config_file_may_not_name_python_code_or_be_binary(tmp_path: Path) -> None:
+    """A YAML config is plain data: a Python judge (which runs the file's code) is named on the command line only."""
+    from mmalign.recipes.rl import RlConfig
+
+    flags = {"model": "m", "data": "d", "out": "o"}
+    cfg = tmp_path / "rl.yaml"
+    for spec in ("world", "0.5*rm:runs/rm/model+world"):
+        cfg.write_text(f"judge: '{spec}'\n")
+        assert load_config(RlConfig, cfg, flags=flags).judge == spec
+    cfg.write_text("judge: 'my_judges.py:score'\n")
+    with pytest.raises(ConfigError, match=r"judge 'my_judges\.py:score' runs Python code"):
+        load_config(RlConfig, cfg, flags=flags)
+    cfg.write_text("judge: 'world+pkg.mod:fn'\n")
+    with pytest.raises(ConfigError, match=r"'pkg\.mod:fn' runs Python code"):
+        load_config(RlConfig, cfg, flags=flags)
+    # The same judge on the command line is the user's choice.
+    assert load_config(RlConfig, flags={**flags, "judge": "my_judges.py:score"}).judge == "my_judges.py:score"
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_config(RlConfig, binary, flags=flags)

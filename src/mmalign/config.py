@@ -239,6 +239,18 @@ def _explain(cls: type[BaseModel], err: ValidationError, source: str) -> ConfigE
     return ConfigError(f"invalid configuration from {source}: " + "; ".join(lines))
 
 
+def _python_judge(value: Any) -> str | None:
+    """The first term of a judge spec that names Python code (``module:function`` / ``file.py:function``), else None;
+    ``world`` and ``rm:DIR`` (optionally weighted, ``0.5*rm:DIR+world``) are data."""
+    if not isinstance(value, str):
+        return None
+    for term in value.split("+"):
+        name = term.split("*", 1)[-1].strip()
+        if name and name != "world" and not name.startswith("rm:"):
+            return name
+    return None
+
+
 def load_config(
     cls: type[C],
     path: str | Path | None = None,
@@ -264,11 +276,19 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text file (a YAML config is UTF-8 text)") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
+        code = _python_judge(loaded.get("judge"))
+        if code is not None:
+            raise ConfigError(
+                f"{p}: judge {code!r} runs Python code, which a config file may not name (it is plain data); "
+                "give it on the command line: --judge or judge=..."
+            )
         _merge(tree, loaded)
     for key, value in (flags or {}).items():
         if value is not None:

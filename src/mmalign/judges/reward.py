@@ -70,18 +70,23 @@ class RewardModelJudge:
         """A fact-augmented model: raise ``ConfigError`` naming the first prompt without ``meta.facts``."""
         if self.facts:
             for sample in prompts:
-                self._prompt(sample)
+                _facts(sample)
 
     def _prompt(self, sample: Sample) -> tuple[Message, ...]:
         """The turns the reward model reads before a reply: the prompt, with the sample's facts when it reads facts."""
         if not self.facts:
             return sample.prompt_messages
-        facts = sample.meta.get("facts")
-        if not isinstance(facts, list) or not facts or not all(isinstance(f, str) for f in facts):
-            raise ConfigError(
-                f"a fact-augmented reward model needs facts: prompt {sample.id!r} has no meta.facts (a list of strings)"
-            )
-        return facts_in_prompt(sample.prompt_messages, facts)
+        return facts_in_prompt(sample.prompt_messages, _facts(sample))
+
+
+def _facts(sample: Sample) -> list[str]:
+    """The sample's ``meta.facts``; ``ConfigError`` naming it when they are missing or not a list of strings."""
+    facts = sample.meta.get("facts")
+    if not isinstance(facts, list) or not facts or not all(isinstance(f, str) for f in facts):
+        raise ConfigError(
+            f"a fact-augmented reward model needs facts: prompt {sample.id!r} has no meta.facts (a list of strings)"
+        )
+    return facts
 
 
 def _chunks(runs: list[tuple[Sample, list[str]]], batch_size: int) -> list[list[tuple[Sample, list[str]]]]:

@@ -224,8 +224,7 @@ def train(cfg: RlConfig) -> Path:
                 loss, stats = _group_loss(cfg, policy(drawn.cont), reference_logps(drawn.cont), drawn.scores)
                 accelerator.backward(loss / cfg.grad_accum)
                 stats |= drawn.stats | {"time/update_s": time.perf_counter() - t0}
-                for key, value in stats.items():
-                    logged[key] = logged.get(key, 0.0) + value / cfg.grad_accum
+                _accumulate(logged, stats, 1 / cfg.grad_accum)
         end_step(step, logged, lr)
     bar.close()
     training_only = (VALUE_HEAD,) if cfg.algo == "ppo" else ()
@@ -239,10 +238,10 @@ def _group_loss(
     logps, tokens = scores.sums()
     stats: dict[str, float] = {}
     if ref_logps is not None:
-        kl = logps.detach() - ref_logps.sum(-1)
-        stats["kl"] = kl.mean().item()
+        ref_sums = ref_logps.sum(-1)
+        stats["kl"] = (logps.detach() - ref_sums).mean().item()
         if cfg.kl_in == "reward":
-            rewards = kl_shaped(rewards, logps, ref_logps.sum(-1), cfg.kl_coef)
+            rewards = kl_shaped(rewards, logps, ref_sums, cfg.kl_coef)
     advantages = group_advantages(rewards.view(-1, cfg.samples_per_prompt), cfg.algo, scale=cfg.scale_rewards)
     per_token = cfg.normalize == "mean" or (cfg.normalize == "auto" and cfg.algo == "grpo")
     losses = policy_gradient_loss(logps, tokens if per_token else None, advantages.flatten())
@@ -288,8 +287,7 @@ def _ppo_update(
         }
         if ref is not None:
             measured["kl"] = measured["objective/kl"] = seq_kl.mean().item()
-        for key, value in measured.items():
-            values[key] = values.get(key, 0.0) + value / n
+        _accumulate(values, measured, 1 / n)
     if cfg.whiten_advantages:  # over every token of the step (the micro-batches' widths differ)
         width = max(a.shape[1] for a in advantages)
         padded = torch.cat([torch.nn.functional.pad(a, (0, width - a.shape[1])) for a in advantages])
@@ -304,16 +302,15 @@ def _ppo_update(
                              cfg.clip_range, cfg.value_clip_range)  # fmt: skip
             loss = terms.policy + cfg.vf_coef * terms.value
             accelerator.backward(loss / n)
-            share = 1.0 / (n * cfg.ppo_epochs)
-            for key, value in {
+            measured = {
                 "loss": loss.item(),
                 "loss/policy_avg": terms.policy.item(),
                 "loss/value_avg": terms.value.item(),
                 "policy/clipfrac_avg": terms.clipfrac.item(),
                 "policy/approxkl_avg": terms.approx_kl.item(),
                 "val/clipfrac_avg": terms.value_clipfrac.item(),
-            }.items():
-                values[key] = values.get(key, 0.0) + value * share
+            }
+            _accumulate(values, measured, 1 / (n * cfg.ppo_epochs))
         if epoch < cfg.ppo_epochs - 1:
             norm = end_step.update()
             if norm is not None:
@@ -322,6 +319,12 @@ def _ppo_update(
     if norms:  # the last epoch's norm joins as the step end's grad_norm
         values["grad_norm/earlier_epochs"] = sum(norms) / len(norms)
     return values
+
+
+def _accumulate(into: dict[str, float], measured: dict[str, float], weight: float) -> None:
+    """Add ``weight`` × each measured value to ``into`` (a mean over micro-batches and epochs as they come)."""
+    for key, value in measured.items():
+        into[key] = into.get(key, 0.0) + value * weight
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:

@@ -439,11 +439,11 @@ def test_unchanged_images_are_not_decoded_again_by_later_loads(root: Path, monke
 
 
 def test_odd_paths_and_a_damaged_image_memo_give_errors_or_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A NUL in a path: one-line error naming the row and field, as for a missing file.
+    # A NUL in a path: one-line error naming the row and field.
     path = write_jsonl(root / "data.jsonl", [good_row(0), _with(images=["images/a\u0000.png"])])
     with pytest.raises(DataError, match=r"data\.jsonl row 2 field 'images\[0\]'") as info:
         load_samples(path)
-    assert "image file not found" in str(info.value)
+    assert "path holds a NUL character" in str(info.value)
     # The memo of checked images: a damaged file, another header or garbage lines count as nothing remembered.
     monkeypatch.setattr(media, "RACY_NS", -1)
     path = write_jsonl(root / "data.jsonl", [good_row(0), _with(images=["images/b.png"])])

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmalign.data.media import ALLOW_OUTSIDE_ENV, MediaError
 from mmalign.errors import ConfigError, DataError, ModelError, TrainingError
 from mmalign.lab import cli as lab_cli
 from mmalign.runtime.launch import LaunchError
@@ -305,7 +308,30 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text, description=text)
         if name == wanted:
             add(command)
+            for leaf in _leaves(command):
+                leaf.add_argument(
+                    "--allow-outside-root",
+                    action="store_true",
+                    help="read media files outside their data set's directory (refused by default, symlinks included)",
+                )
     return parser
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers under ``parser`` that run something: those without sub-commands, or whose sub-command is
+    optional (``mmalign world`` runs alone and has ``world pairs``)."""
+    found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    runs = [parser] if not found or not all(a.required for a in found) else []
+    return runs + [leaf for a in found for child in dict.fromkeys(a.choices.values()) for leaf in _leaves(child)]
+
+
+def _fail(exc: BaseException, code: int, verbose: bool) -> int:
+    """Print an error as one line (with its traceback under ``-v``) and return the exit status."""
+    if verbose:
+        traceback.print_exception(exc)
+    text = exc.strerror + f": {exc.filename}" if isinstance(exc, OSError) and exc.strerror and exc.filename else exc
+    print(f"error: {text}", file=sys.stderr)
+    return code
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -316,17 +342,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if getattr(args, "allow_outside_root", False):
+        os.environ[ALLOW_OUTSIDE_ENV] = "1"  # an environment variable: launched worker processes inherit it
     try:
         return int(args.func(args) or 0)
-    except (DataError, ConfigError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (DataError, ConfigError, ModelError, MediaError, OSError) as exc:
+        return _fail(exc, 2, args.verbose)
     except (LaunchError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc, 1, args.verbose)
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130

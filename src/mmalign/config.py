@@ -78,7 +78,10 @@ class TrainConfig(Section):
     # answer weighs as much as a sixty-token caption).
     loss_per: Literal["token", "sample"] = "token"
     # Where the sequence is cut; image tokens are never truncated (an over-long sample is an error).
-    max_length: int = Field(2048, ge=16)
+    max_length: int = Field(2048, ge=16, description="longest sequence in tokens, image tokens included")
+    truncation: Literal["error", "truncate_prompt", "skip"] = Field(
+        "error", description="examples over max_length, found at load time: error, cut the prompt's text, or skip"
+    )
     # Batch examples of similar length together (``runtime.batching.length_grouped_indices``): on a CPU, where
     # compute is paid per padded token, the world's mix of yes/no answers and long captions pads half of every
     # batch without it. Off by default: it changes which examples share a batch.

@@ -10,7 +10,6 @@ parts are placeholders; the media themselves travel beside the messages in ``Sam
 from __future__ import annotations
 
 import functools
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -83,16 +82,17 @@ class ImageRef:
 
     def open(self, root: str | Path | None = None):  # -> PIL.Image.Image
         """Decode the image to RGB. Raises ``OSError``/``ValueError`` on unreadable data."""
-        from PIL import Image
+        from mmalign.data.media import open_image
 
         if self.data is not None:
-            img = Image.open(io.BytesIO(self.data))
+            img = open_image(self.data)
         elif self.path is not None:
-            img = Image.open(self.file(root))
+            img = open_image(self.file(root))
         else:
             raise ValueError("ImageRef has neither path nor data")
-        img.load()
-        return img.convert("RGB")
+        with img:
+            img.load()
+            return img.convert("RGB")
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,14 @@ class LoadResult:
         skipped: how many bad rows were skipped (always 0 with ``on_bad_record="fail"``).
         reasons: the ``DataError`` messages of the first ``MAX_REASONS`` skipped rows.
         path: the file or directory that was read.
+        rows: the 1-based row of each of ``samples`` in the file.
     """
 
     samples: list[Sample]
     skipped: int
     reasons: list[str] = field(default_factory=list)
     path: Path = Path()
+    rows: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -122,8 +124,8 @@ def load_samples(
     def parse(row: int, obj: dict[str, Any]) -> Sample:
         return parse_sample(obj, path=path, row=row, root=root_dir, checker=source.checker, needs_reply=needs_reply)
 
-    samples, skipped, reasons = collect_rows(source, parse, on_bad_record=on_bad_record, limit=limit)
-    result = LoadResult(samples=samples, skipped=skipped, reasons=reasons, path=path)
+    samples, skipped, reasons, rows = collect_rows(source, parse, on_bad_record=on_bad_record, limit=limit)
+    result = LoadResult(samples=samples, skipped=skipped, reasons=reasons, path=path, rows=rows)
     if not result.samples:
         if result.skipped:
             reason = f"all {result.skipped} records are bad (first: {result.reasons[0]})"
@@ -172,7 +174,7 @@ def collect_rows(
     on_bad_record: str,
     limit: int | None,
     always_skip: tuple[type[DataError], ...] = (),
-) -> tuple[list[T], int, list[str]]:
+) -> tuple[list[T], int, list[str], list[int]]:
     """Parse every row of ``source``; bad rows raise (``"fail"``) or are counted (``"skip"``).
 
     Args:
@@ -180,15 +182,17 @@ def collect_rows(
         always_skip: error types skipped even in ``"fail"`` mode (rows that are valid but unusable).
 
     Returns:
-        (records, skipped, the messages of the first ``MAX_REASONS`` skipped rows).
+        (records, skipped, the messages of the first ``MAX_REASONS`` skipped rows, each record's 1-based row).
     """
     items: list[T] = []
+    rows: list[int] = []
     skipped, reasons = 0, []
     for row, obj in read_records(source.path, source.kind):
         try:
             if isinstance(obj, DataError):
                 raise obj
             items.append(parse(row, obj))
+            rows.append(row)
         except DataError as err:
             if on_bad_record == "fail" and not isinstance(err, always_skip):
                 raise
@@ -198,7 +202,7 @@ def collect_rows(
         if limit is not None and len(items) >= limit:
             break
     source.checker.save()
-    return items, skipped, reasons
+    return items, skipped, reasons, rows
 
 
 def detect_format(path: Path) -> Format:

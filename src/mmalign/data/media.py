@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import io
 import os
 import time
+import warnings
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any
@@ -90,46 +92,141 @@ def media_source(value: Any) -> tuple[str | None, bytes | None]:
 
 _UNSEEN = object()
 
+ALLOW_OUTSIDE_ENV = "MMALIGN_ALLOW_OUTSIDE_ROOT"
+MAX_PIXELS_ENV = "MMALIGN_MAX_IMAGE_PIXELS"
+MAX_TEXT_ENV = "MMALIGN_MAX_TEXT_CHARS"
+DEFAULT_MAX_PIXELS = 40_000_000  # a 6300 x 6300 image; every supported processor resizes far below it
+DEFAULT_MAX_TEXT = 100_000  # characters of one text field
 
-def _is_within(path: str | Path, root: Path) -> bool:
+
+def _env_int(name: str, default: int) -> int:
+    """A positive integer from the environment, or ``default`` when unset (a bad value is a one-line error)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise MediaError(f"{name}={raw!r} must be a positive integer")
+    return value
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) a loader decodes: ``MMALIGN_MAX_IMAGE_PIXELS``, default 40M."""
+    return _env_int(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS)
+
+
+def max_text_chars() -> int:
+    """The longest text field a loader accepts: ``MMALIGN_MAX_TEXT_CHARS``, default 100,000 characters."""
+    return _env_int(MAX_TEXT_ENV, DEFAULT_MAX_TEXT)
+
+
+def text_problem(text: str) -> str | None:
+    """Why a text field is refused (longer than ``max_text_chars``), or None."""
+    limit = max_text_chars()
+    if len(text) <= limit:
+        return None
+    return f"text of {len(text):,} characters is over the limit of {limit:,} (raise it with {MAX_TEXT_ENV}=N)"
+
+
+def outside_allowed() -> bool:
+    """Whether media may live outside the data set root: ``--allow-outside-root`` sets
+    ``MMALIGN_ALLOW_OUTSIDE_ROOT=1``, which launched worker processes inherit."""
+    return os.environ.get(ALLOW_OUTSIDE_ENV, "") not in ("", "0")
+
+
+def _is_within(path: str | Path, root: str | Path) -> bool:
     """Whether normalised absolute ``path`` is ``root`` or below it (on the strings: ``Path.parents`` is slow)."""
     p, r = str(path), str(root)
     return p == r or p.startswith(r if r.endswith(os.sep) else r + os.sep)
 
 
-def resolve_in_root(path: str, root: Path) -> Path:
-    """Resolve a media path against the data set root, refusing paths that leave it.
+@functools.lru_cache(maxsize=1 << 14)
+def _real_dir(directory: str) -> str:
+    """``os.path.realpath`` of a directory, remembered: the files of one data set share a few directories."""
+    return os.path.realpath(directory)
 
-    The check is lexical (``..`` is collapsed without touching the file system), with a fallback on the
-    symlink-resolved paths so that an absolute path spelled through a symlinked root is still accepted.
+
+def _real(full: str) -> str:
+    """The symlink-free path of ``full``: its directory's real path, plus the file's own link resolved if it is one."""
+    real = os.path.join(_real_dir(os.path.dirname(full)), os.path.basename(full))
+    return os.path.realpath(real) if os.path.islink(real) else real
+
+
+def resolve_in_root(path: str, root: Path, *, allow_outside: bool | None = None) -> Path:
+    """Resolve a media path against the data set root, refusing paths that leave it: the one path rule of every
+    loader and evaluator that reads media.
+
+    The path, with ``..`` collapsed and every symlink followed (the root's own included), must lie inside the
+    root's real path; an absolute path is accepted when it does. ``allow_outside`` (default: the
+    ``--allow-outside-root`` setting, ``outside_allowed()``) accepts any path.
 
     Args:
         path: the path as written in the row (relative to ``root``, or absolute).
         root: absolute data set root.
+        allow_outside: accept paths outside the root (None: the process-wide setting).
 
     Returns:
-        The absolute, normalised path.
+        The absolute, normalised path (symlinks kept as written).
 
     Raises:
         MediaError: the path points outside ``root``.
     """
+    if "\0" in path:
+        raise MediaError(f"path holds a NUL character: {path!r}")
     full = os.path.normpath(os.path.join(root, path))
-    if _is_within(full, root) or _is_within(Path(full).resolve(), root.resolve()):
+    if allow_outside is None:
+        allow_outside = outside_allowed()
+    if allow_outside or _is_within(_real(full), _real_dir(str(root))):
         return Path(full)
-    raise MediaError(f"path escapes the data set root {root}: {path}")
+    how = "after symlinks " if _is_within(full, root) else ""
+    raise MediaError(f"path escapes the data set root {root} {how}(use --allow-outside-root to allow it): {path}")
 
 
 def check_image(source: Path | bytes) -> None:
-    """Fully decode an image (``load()``, which catches truncated files that ``verify()`` lets through).
+    """Fully decode an image (``load()``, which catches truncated files that ``verify()`` lets through), refusing
+    one larger than ``max_image_pixels()`` before it is decoded.
 
     Raises:
-        MediaError: the image cannot be opened or decoded.
+        MediaError: the image cannot be opened or decoded, or is too large.
     """
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        with open_image(source) as img:
             img.load()
+    except MediaError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise MediaError(f"unreadable image: {err}") from None
+
+
+def open_image(source: Path | str | bytes) -> Image.Image:
+    """Open an image (header only) from a regular file or bytes, refusing more than ``max_image_pixels()`` pixels.
+
+    Raises:
+        MediaError: not a regular file (a FIFO or device would block or stream forever) or too many pixels.
+        OSError, ValueError: Pillow cannot identify the data.
+    """
+    if not isinstance(source, bytes):
+        try:
+            mode = os.stat(source).st_mode
+        except (OSError, ValueError) as err:
+            raise MediaError(f"cannot read image file {source}: {getattr(err, 'strerror', None) or err}") from None
+        if not S_ISREG(mode):
+            raise MediaError(f"not a regular file: {source}")
+    with warnings.catch_warnings():  # the size is checked below, against our own limit
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    width, height = img.size
+    limit = max_image_pixels()
+    if width * height > limit:
+        img.close()
+        raise MediaError(
+            f"image of {width}x{height} = {width * height:,} pixels is over the limit of {limit:,} "
+            f"(raise it with {MAX_PIXELS_ENV}=N)"
+        )
+    return img
 
 
 FileStamp = tuple[int, int, int, int]  # size, modification and change times (ns), inode
@@ -154,7 +251,8 @@ class CheckedImages:
     def __init__(self, root: Path, directory: Path | None = None) -> None:
         name = hashlib.sha256(os.fsencode(root)).hexdigest()[:32]
         self.file = (directory or cache_root() / "checked_images") / f"{name}.tsv"
-        self._header = f"# checked images v1, Pillow {PIL.__version__}, max pixels {Image.MAX_IMAGE_PIXELS}"
+        limits = f"{Image.MAX_IMAGE_PIXELS}/{max_image_pixels()}"
+        self._header = f"# checked images v2, Pillow {PIL.__version__}, max pixels {limits}"
         self._known = self._read()
         self._new: dict[str, FileStamp] = {}
 
@@ -269,7 +367,7 @@ class MediaChecker:
         except OSError as err:
             return f"cannot read {kind} file: {err.strerror or err} ({written})"
         if not S_ISREG(stat.st_mode):
-            return f"{kind} file not found: {written}"
+            return f"{kind} path is not a regular file: {written}"
         if kind == "image" and self.decode:
             stamp = file_stamp(stat)
             if self._checked is not None and self._checked.is_known(full, stamp):

@@ -44,11 +44,12 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from mmalign.data.loaders import collect_rows, open_source
-from mmalign.data.media import MediaChecker
+from mmalign.data.media import MediaChecker, text_problem
 from mmalign.data.records import (
     IMAGE_TOKEN,
     RowContext,
     check_count,
+    check_texts,
     count_parts,
     media_refs,
     media_values,
@@ -83,6 +84,7 @@ class PairLoadResult:
         skipped: rows left out: bad rows (``on_bad_record="skip"``) and rows without a preference.
         reasons: the ``DataError`` messages of the first ``MAX_REASONS`` skipped rows.
         path: the file or directory that was read.
+        rows: the 1-based row of each of ``pairs`` in the file.
         schema: the schema the rows were read with (detected or forced).
     """
 
@@ -90,6 +92,7 @@ class PairLoadResult:
     skipped: int
     reasons: list[str] = field(default_factory=list)
     path: Path = Path()
+    rows: list[int] = field(default_factory=list)
     schema: str = ""
 
     def __len__(self) -> int:
@@ -170,10 +173,10 @@ def load_pairs(
         locked[:1] = [row_schema]
         return pair
 
-    pairs, skipped, reasons = collect_rows(
+    pairs, skipped, reasons, rows = collect_rows(
         source, parse, on_bad_record=on_bad_record, limit=limit, always_skip=(NoPreference,)
     )
-    result = PairLoadResult(pairs=pairs, skipped=skipped, reasons=reasons, path=path)
+    result = PairLoadResult(pairs=pairs, skipped=skipped, reasons=reasons, path=path, rows=rows)
     result.schema = locked[0] if locked else ""
     if not result.pairs:
         reason = f"all {result.skipped} records were skipped (first: {result.reasons[0]})" if result.skipped else ""
@@ -380,9 +383,12 @@ def _finish(fields: _Fields, ctx: RowContext, checker: MediaChecker) -> Preferen
     check_count(count_parts(prompt, "image"), len(fields.images), "image", fields.image_field, ctx)
     if count_parts(prompt, "audio"):
         raise ctx.error("prompt", "audio parts are not supported in preference pairs")
+    check_texts(prompt, "prompt", ctx)
     for name, text in ((fields.chosen_field, fields.chosen), (fields.rejected_field, fields.rejected)):
         if not text.strip():
             raise ctx.error(name, "empty reply")
+        if (problem := text_problem(text)) is not None:
+            raise ctx.error(name, problem)
     if fields.chosen.strip() == fields.rejected.strip():
         raise ctx.error(fields.rejected_field, "identical to the chosen reply")
     images = media_refs(fields.images, "image", ctx, checker, ImageRef)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-from mmalign.data.media import MediaChecker, MediaError, media_source
+from mmalign.data.media import MediaChecker, MediaError, media_source, text_problem
 from mmalign.errors import DataError
 from mmalign.types import AudioRef, ImageRef, Message, Part, PartType, Role, Sample
 
@@ -95,6 +95,7 @@ def parse_sample(
     if meta is not None and not _is_mapping(meta):
         raise ctx.error("meta", f"must be an object, got {type_name(meta)}")
     messages, plain_text = parse_conversation(record, ctx)
+    check_texts(messages, "conversations" if "messages" not in record else "messages", ctx)
     if needs_reply and not any(m.role == "assistant" and m.text.strip() for m in messages):
         field = "conversations" if "messages" not in record else "messages"
         raise ctx.error(field, "no assistant turn with text: nothing to learn from")
@@ -116,6 +117,14 @@ def parse_sample(
         root=str(checker.root),
         meta=dict(meta or {}),
     )
+
+
+def check_texts(messages: Sequence[Message], field: str, ctx: RowContext) -> None:
+    """Refuse a turn whose text is over the text-length limit (``MMALIGN_MAX_TEXT_CHARS``), naming the turn."""
+    for i, message in enumerate(messages):
+        problem = text_problem(message.text)
+        if problem is not None:
+            raise ctx.error(f"{field}[{i}]", problem)
 
 
 def parse_id(value: Any, ctx: RowContext) -> str:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mmalign.data.media import MediaChecker, MediaError, text_problem
 from mmalign.errors import DataError
 from mmalign.eval.coco_vocab import ChairVocab, extract_mentions
 from mmalign.types import PopeQuestion
@@ -45,6 +46,8 @@ def read_rows(path: str | Path) -> list[Row]:
 
 def _read_text(path: str | Path) -> str:
     try:
+        if Path(path).exists() and not Path(path).is_file():
+            raise DataError(path, None, None, "not a regular file")
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(path, None, None, "file not found") from None
@@ -92,6 +95,8 @@ def _str(path: str | Path, row: int | None, rec: dict[str, Any], field: str) -> 
     value = _get(path, row, rec, field)
     if not isinstance(value, str):
         raise DataError(path, row, field, f"expected a string, got {show(value)}")
+    if (problem := text_problem(value)) is not None:
+        raise DataError(path, row, field, problem)
     return value
 
 
@@ -129,16 +134,19 @@ def _optional_str(path: str | Path, row: int, rec: dict[str, Any], field: str) -
 # --- POPE ---------------------------------------------------------------------------------------------------
 
 
-def read_pope_questions(path: str | Path) -> list[PopeQuestion]:
+def read_pope_questions(path: str | Path, image_root: str | Path | None = None) -> list[PopeQuestion]:
     """POPE questions with their labels (official JSONL schema, or a JSON array of the same rows).
 
     ``category`` (LLaVA's combined file) becomes ``PopeQuestion.split``; ``object`` is read when present,
-    else taken from the "Is there a/an {object} in the image?" template when the text follows it.
+    else taken from the "Is there a/an {object} in the image?" template when the text follows it. With
+    ``image_root`` every image is checked as the training loaders check theirs (inside the root after symlinks, a
+    regular file, decodable, under the pixel limit), each distinct file once.
 
     Raises:
-        DataError: a bad row (missing or mistyped field, label not yes/no, duplicate ``question_id``), or
-            no rows.
+        DataError: a bad row (missing or mistyped field, label not yes/no, duplicate ``question_id``, an image
+            that cannot be used), or no rows.
     """
+    checker = MediaChecker(image_root, remember=True) if image_root is not None else None
     rows = read_rows(path)
     if not rows:
         raise DataError(path, None, None, "no questions in file")
@@ -155,16 +163,24 @@ def read_pope_questions(path: str | Path) -> list[PopeQuestion]:
         obj = _optional_str(path, row, rec, "object")
         if not obj and (match := _POPE_OBJECT.match(text.strip())):
             obj = match.group(1)
+        image = _str(path, row, rec, "image")
+        if checker is not None:
+            try:
+                checker.check_path(image)
+            except MediaError as err:
+                raise DataError(path, row, "image", str(err)) from None
         questions.append(
             PopeQuestion(
                 question_id=qid,
-                image=_str(path, row, rec, "image"),
+                image=image,
                 text=text,
                 label=norm,
                 split=_optional_str(path, row, rec, "category"),
                 object=obj,
             )
         )
+    if checker is not None:
+        checker.save()
     return questions
 
 

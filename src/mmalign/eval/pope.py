@@ -47,10 +47,10 @@ def load_pope_sets(data: str | Path, split: str = "all", image_root: str | Path 
             f = path / f"pope_{name}.jsonl"
             if not f.is_file():
                 raise DataError(f, None, None, f"no POPE file for split {name!r} in {path}")
-            sets.append(PopeSet(name, read_pope_questions(f), path))
+            sets.append(PopeSet(name, read_pope_questions(f, path), path))
         return sets
-    questions = read_pope_questions(path)
     root = Path(image_root) if image_root is not None else path.parent
+    questions = read_pope_questions(path, root)
     categories = sorted({q.split for q in questions if q.split})
     if not categories:
         name = split if split != "all" else path.stem

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 
 from mmalign.config import FreezeConfig, TrainConfig
+from mmalign.data.lengths import fit_lengths
 from mmalign.data.pair_inputs import encode_pairs
 from mmalign.data.preference import load_pairs
 from mmalign.errors import ConfigError
@@ -74,6 +75,7 @@ def train(cfg: RewardConfig) -> Path:
         missing = next(p.id for p in pairs if p.margin is None)
         raise ConfigError(f"use_margin=true but pair {missing!r} of {cfg.data} has no margin")
     loaded = load_model(cfg.model)
+    pairs = fit_lengths(loaded.processor, pairs, data.rows, data.path, cfg.max_length, cfg.truncation).items
     attach_head(loaded.model, cfg.seed)
     model = trainable_model(loaded, cfg)
     lm_head = inner_model(model).get_output_embeddings()

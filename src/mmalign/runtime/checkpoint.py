@@ -8,6 +8,7 @@ under a temporary name and renamed into place, so a run killed mid-write leaves 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -77,8 +78,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any] | None = None,
     keep: int = 2,
+    run: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the ``keep`` newest."""
+    """Write checkpoint ``step`` atomically and prune by step: the ``keep`` newest up to ``step`` stay (this one
+    always), later ones (left by an earlier run) go.
+
+    ``run``: the identity of the run that writes it (``mmalign.runtime.run.run_identity``), kept in ``state.json``
+    so that ``--resume`` can refuse a checkpoint of other settings."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".step-{step:08d}.tmp-{os.getpid()}"
@@ -88,14 +94,43 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng_tensors, rng_meta = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "rng": rng_meta, "extra": extra or {}}))
+    state = {"step": step, "rng": rng_meta, "extra": extra or {}, "run": run}
+    (tmp / "state.json").write_text(json.dumps(state))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(ckpt_root / LATEST, json.dumps({"step": step, "dir": final.name}))
-    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    older = sorted(s for s in checkpoint_steps(ckpt_root) if s < step)
+    for old in older[: max(0, len(older) - (keep - 1))] + [s for s in checkpoint_steps(ckpt_root) if s > step]:
+        shutil.rmtree(ckpt_root / f"step-{old:08d}", ignore_errors=True)
     return final
+
+
+def checkpoint_steps(ckpt_root: Path) -> list[int]:
+    """The steps of the checkpoint directories under ``ckpt_root`` (complete or not), in no order."""
+    steps = []
+    for path in ckpt_root.glob("step-*"):
+        with contextlib.suppress(ValueError):
+            steps.append(int(path.name.removeprefix("step-")))
+    return steps
+
+
+def remove_orphans(ckpt_root: Path) -> int:
+    """Delete checkpoint directories left half-written by a killed run (``.step-*.tmp-*``); returns how many.
+
+    Call only while holding the run directory's lock: then no other process is writing one."""
+    orphans = list(ckpt_root.glob(".step-*.tmp-*"))
+    for path in orphans:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(orphans)
+
+
+def checkpoint_run(path: Path) -> dict[str, Any] | None:
+    """The identity of the run that wrote checkpoint ``path`` (None for a checkpoint written without one)."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("run")
+    except (OSError, ValueError):
+        return None
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -103,9 +138,15 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     pointer = ckpt_root / LATEST
     if not pointer.is_file():
         return None
-    name = json.loads(pointer.read_text())["dir"]
-    path = ckpt_root / name
-    return path if (path / "state.json").is_file() else None
+    try:
+        name = json.loads(pointer.read_text())["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        name = None
+    if not isinstance(name, str) or not (ckpt_root / name / "state.json").is_file():
+        # A damaged pointer, or one naming a deleted checkpoint: the newest complete checkpoint instead.
+        complete = [s for s in checkpoint_steps(ckpt_root) if (ckpt_root / f"step-{s:08d}" / "state.json").is_file()]
+        return ckpt_root / f"step-{max(complete):08d}" if complete else None
+    return ckpt_root / name
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Resumed:

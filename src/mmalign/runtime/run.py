@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,15 @@ import torch
 
 from mmalign.config import TrainConfig
 from mmalign.models.load import LoadedModel, apply_freeze, apply_lora
-from mmalign.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic
+from mmalign.runtime.checkpoint import (
+    checkpoint_run,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_orphans,
+    save_checkpoint,
+    save_model_atomic,
+)
+from mmalign.runtime.locks import lock_run_dir, release_run_dir
 from mmalign.runtime.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -18,8 +28,6 @@ log = logging.getLogger(__name__)
 
 def make_accelerator(cfg: TrainConfig) -> Any:
     """An ``Accelerator`` for the run; several processes without a GPU (``torchrun`` on CPU) use gloo on the CPU."""
-    import os
-
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -31,19 +39,70 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
 
 def start_run(cfg: TrainConfig) -> tuple[Any, Path]:
-    """The run's accelerator, every generator seeded with ``cfg.seed``, and its directory (made, with the resolved
-    ``config.yaml``, by the main process)."""
+    """The run's accelerator, every generator seeded with ``cfg.seed``, and its directory (``open_run_dir``)."""
     from accelerate.utils import set_seed
 
-    from mmalign.config import dump_config
-
-    out = Path(cfg.out)
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
+    return accelerator, open_run_dir(cfg, accelerator)
+
+
+# Settings that change nothing a run computes: they may differ between a run and its resumption.
+NOT_IDENTITY = frozenset({"out", "resume", "save_every", "keep_checkpoints", "log_every", "progress"})
+
+
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What makes a run itself: the recipe and every setting that changes what it computes (model, data, seed,
+    hyper-parameters), with the model and data as absolute paths; stored in the run directory and its checkpoints."""
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
+    for key in ("model", "data"):
+        if isinstance(settings.get(key), str) and settings[key]:
+            settings[key] = os.path.abspath(settings[key])
+    return {"recipe": type(cfg).__name__, "settings": settings}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``lr 0.001 -> 0.002, seed 0 -> 1`` (the first few settings that differ)."""
+    if old.get("recipe") != new.get("recipe"):
+        return f"recipe {old.get('recipe')} -> {new.get('recipe')}"
+    a, b = old.get("settings", {}), new.get("settings", {})
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    shown = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:4])
+    return shown + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def open_run_dir(cfg: TrainConfig, accelerator: Any) -> Path:
+    """Make the run directory and claim it for this run (main process; the others wait for it).
+
+    The directory is locked for the life of the run (a second run into it is refused). Checkpoints of another run
+    are never used or overwritten: ``--resume`` refuses a checkpoint written with other settings, and a new run
+    into a directory holding one is refused (checkpoints of a run with the same settings are cleared: it starts
+    again from step 0). Half-written checkpoints left by a killed run are deleted. Writes ``config.yaml``.
+
+    Raises:
+        ConfigError: the directory is in use, or holds another run's checkpoints.
+    """
+    from mmalign.config import dump_config
+    from mmalign.errors import ConfigError
+
+    out = Path(cfg.out)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(out)
+        ckpt_root = out / "checkpoints"
+        remove_orphans(ckpt_root)
+        found = latest_checkpoint(ckpt_root)
+        identity = run_identity(cfg)
+        if found is not None and (written := checkpoint_run(found)) != identity:
+            what = "a checkpoint of an older version" if written is None else "another run's checkpoint"
+            how = f" (it differs in: {_differences(written, identity)})" if written is not None else ""
+            advice = "resume it with the same settings" if cfg.resume else "use --resume with its settings"
+            raise ConfigError(f"{out} holds {what}, {found.name}{how}; {advice}, or choose another --out")
+        if found is not None and not cfg.resume:
+            log.info("%s: starting again from step 0; clearing the checkpoints of the earlier run", out)
+            shutil.rmtree(ckpt_root)
         dump_config(cfg, out / "config.yaml")
-    return accelerator, out
+    accelerator.wait_for_everyone()
+    return out
 
 
 def unwrapped(accelerator: Any, model: Any) -> torch.nn.Module:
@@ -118,6 +177,7 @@ def maybe_checkpoint(
                 unwrapped(accelerator, model),
                 optimizer,
                 keep=cfg.keep_checkpoints,
+                run=run_identity(cfg),
             )
 
 
@@ -140,7 +200,9 @@ def finish_run(
     final = out / "model"
     if accelerator.is_main_process:
         inner = unwrapped(accelerator, model)
-        save_checkpoint(out / "checkpoints", cfg.steps, inner, optimizer, keep=cfg.keep_checkpoints)
+        save_checkpoint(
+            out / "checkpoints", cfg.steps, inner, optimizer, keep=cfg.keep_checkpoints, run=run_identity(cfg)
+        )
         base = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner
         for name in training_only:
             delattr(base, name)
@@ -150,4 +212,5 @@ def finish_run(
         save_model_atomic(inner, processor, final)
         if metrics is not None:
             metrics.close()
+        release_run_dir(out)
     return final

@@ -4,7 +4,8 @@ The DPO reference model is frozen, so ``log π_ref(chosen)`` and ``log π_ref(re
 scores each pair it will visit once, before training, and later runs (resumed, or with other hyper-parameters) reuse
 them. The cache file is keyed by a fingerprint of the data (texts and image bytes), of the reference weights and of
 everything else that changes the scores; it holds one value per pair and a mask of the pairs already scored, so a
-longer run only scores what is missing. Files are written atomically.
+longer run only scores what is missing. Files are written atomically, under a lock (runs that share a cache merge
+their scores), with a checksum of their values: a damaged or edited file is scored again.
 
 While the cache is in use the training loop needs no reference model in memory at all.
 """
@@ -20,16 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from mmalign.cachedir import cache_root
+from mmalign.runtime.locks import file_lock
 from mmalign.runtime.progress import progress_bar
 from mmalign.types import ImageRef, PreferencePair
 
 log = logging.getLogger(__name__)
 
 # Bump when the way pairs are scored changes, so that old caches are not reused.
-SCORING_VERSION = 1
+SCORING_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -119,15 +122,7 @@ def cached_reference_logps(
         (chosen [N], rejected [N]) float32 on CPU; entries outside ``needed`` that were never scored are NaN.
     """
     n = len(pairs)
-    chosen = torch.full((n,), float("nan"))
-    rejected = torch.full((n,), float("nan"))
-    present = torch.zeros(n, dtype=torch.bool)
-    if path.exists():
-        stored = load_file(str(path))
-        if stored["chosen"].shape[0] == n:
-            chosen, rejected, present = stored["chosen"], stored["rejected"], stored["present"].bool()
-        else:
-            log.warning("%s: cache has %d pairs, data has %d; rescoring", path, stored["chosen"].shape[0], n)
+    chosen, rejected, present = _read(path, n)
     missing = sorted({i for i in needed if not present[i]})
     if missing:
         log.info("scoring %d pairs with the reference model (cache: %s)", len(missing), path)
@@ -139,8 +134,49 @@ def cached_reference_logps(
             present[idx] = True
             bar.update(len(idx))
         bar.close()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"chosen": chosen, "rejected": rejected, "present": present.to(torch.uint8)}, str(tmp))
-        os.replace(tmp, path)
+        with file_lock(path):  # another run may have scored other pairs meanwhile: merge, then replace
+            theirs_c, theirs_r, theirs_p = _read(path, n)
+            take = theirs_p & ~present
+            chosen[take], rejected[take], present[take] = theirs_c[take], theirs_r[take], True
+            _write(path, chosen, rejected, present)
     return chosen, rejected
+
+
+def _checksum(chosen: torch.Tensor, rejected: torch.Tensor, present: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (chosen, rejected, present):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cache file's values for ``n`` pairs; a missing, unreadable, damaged or edited file (its checksum does not
+    match) or one of another size counts as empty, so its pairs are scored again."""
+    empty = (torch.full((n,), float("nan")), torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool))
+    if not path.exists():
+        return empty
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            stored = {k: f.get_tensor(k) for k in ("chosen", "rejected", "present")}
+    except (SafetensorError, OSError, KeyError, RuntimeError) as err:  # truncated, garbled or incomplete
+        log.warning("%s: unreadable reference cache (%s); scoring again", path, err)
+        return empty
+    chosen, rejected, present = stored["chosen"], stored["rejected"], stored["present"].to(torch.uint8)
+    if meta.get("sha256") != _checksum(chosen, rejected, present):
+        log.warning("%s: reference cache fails its checksum (damaged or edited); scoring again", path)
+        return empty
+    if chosen.shape[0] != n:
+        log.warning("%s: cache has %d pairs, data has %d; rescoring", path, chosen.shape[0], n)
+        return empty
+    return chosen.clone(), rejected.clone(), present.bool()
+
+
+def _write(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, present: torch.Tensor) -> None:
+    """Replace the cache file atomically, with the checksum of its values in the metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    flags = present.to(torch.uint8)
+    tensors = {"chosen": chosen.contiguous(), "rejected": rejected.contiguous(), "present": flags}
+    save_file(tensors, str(tmp), metadata={"sha256": _checksum(chosen, rejected, flags)})
+    os.replace(tmp, path)

@@ -13,7 +13,7 @@ from mmalign.recipes.dpo import DpoConfig
 from mmalign.recipes.pretrain import PretrainConfig
 from mmalign.recipes.sft import SftConfig
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("**/*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))  # training configs (accelerate/: launchers)
 KINDS = {"pretrain": PretrainConfig, "sft": SftConfig, "contrastive": ContrastiveConfig, "dpo": DpoConfig}
 
 

@@ -283,7 +283,10 @@ def load_config(
         except UnicodeDecodeError:
             raise ConfigError(f"{p}: not a text file (a YAML config is UTF-8 text)") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
         code = _python_judge(loaded.get("judge"))

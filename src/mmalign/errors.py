@@ -28,7 +28,8 @@ class DataError(Exception):
             where += f" row {self.row}"
         if self.field is not None:
             where += f" field {self.field!r}"
-        return f"{where}: {self.reason}"
+        # One line whatever the data held (a path or value with a line break is shown escaped).
+        return f"{where}: {self.reason}".replace("\r", "\\r").replace("\n", "\\n")
 
 
 class ConfigError(Exception):

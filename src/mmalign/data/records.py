@@ -211,7 +211,7 @@ def parse_sharegpt_turn(turn: Mapping[str, Any], field: str, ctx: RowContext) ->
     speaker = turn.get("from")
     if speaker is None:
         raise ctx.error(f"{field}.from", "missing 'from' (or 'role')")
-    if speaker not in SHAREGPT_ROLES:
+    if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
         raise ctx.error(f"{field}.from", f"unknown speaker {speaker!r} (expected human, gpt or system)")
     value = turn.get("value")
     if not isinstance(value, str):

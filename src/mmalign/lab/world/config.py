@@ -153,8 +153,8 @@ class WorldConfig:
             raise ValueError(
                 f"WorldConfig.caption_prior_min_objects must be at least 1, got {self.caption_prior_min_objects}"
             )
-        if self.image_size < 32:
-            raise ValueError(f"WorldConfig.image_size must be at least 32 pixels, got {self.image_size}")
+        if not 32 <= self.image_size <= 1024:
+            raise ValueError(f"WorldConfig.image_size must be 32 to 1024 pixels, got {self.image_size}")
 
     @property
     def grid_rows(self) -> int:

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from mmalign.errors import DataError
-from mmalign.eval.chair_score import chair_markdown_table, score_chair, score_chair_files
+from mmalign.eval.chair_score import (
+    chair_markdown_table,
+    chair_words,
+    read_chair_synonyms,
+    score_chair,
+    score_chair_files,
+    word_tokenize,
+)
 from mmalign.eval.coco_vocab import COCO_SYNONYMS, ChairVocab, extract_mentions, singularize, tokenize
 from mmalign.eval.io import read_captions, read_coco_caption_objects, read_object_annotations
 
@@ -254,3 +261,74 @@ def test_score_chair_files_missing_ground_truth(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         score_chair_files(captions, annotations)
     assert str(info.value) == f"{captions} field 'image_id': image_id \"7\" has no ground truth in {annotations}"
+
+
+# --- the official word matcher (spec §9.2) -------------------------------------------------------------------
+
+
+def test_word_tokenize_follows_nltk_splitting() -> None:
+    """Any whitespace separates; punctuation and clitics split off; hyphens, slashes and inner periods do not."""
+    assert word_tokenize("  \tA dog\nand\t\tcats.\n") == ["A", "dog", "and", "cats", "."]
+    assert word_tokenize('The dog\'s (red) "ball", isn\'t it? Yes!') == [
+        "The", "dog", "'s", "(", "red", ")", "``", "ball", "''", ",", "is", "n't", "it", "?", "Yes", "!"
+    ]  # fmt: skip
+    assert word_tokenize("a hot-dog, a cat/dog... e.g. 1,000 dogs;") == [
+        "a", "hot-dog", ",", "a", "cat/dog", "...", "e.g", ".", "1,000", "dogs", ";"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("caption", "words"),
+    [
+        ("  A man\twith two\ndogs.", [("man", "person"), ("dog", "dog")]),
+        ("\n\nTwo baby elephants and an adult giraffe.", [("elephant", "elephant"), ("giraffe", "giraffe")]),
+        ("A baby in a crib.", [("baby", "person")]),
+        ("traffic\nlights near hot dogs and\tteddy bears", [
+            ("traffic light", "traffic light"), ("hot dog", "hot dog"), ("teddy bear", "teddy bear")]),
+        ("The seat of the toilet is up; a chair.", [("toilet", "toilet"), ("chair", "chair")]),
+        ("A toilet seat.", [("toilet", "toilet")]),
+        ("A seat by the window.", [("seat", "chair")]),
+        ("A passenger train and a passenger jet.", [("train", "train"), ("jet", "airplane")]),
+        ("A man at home plate near the train tracks.", [("man", "person")]),
+        ("A hot-dog stand and a glass of wine.", []),
+        ("A bow tie.", [("tie", "tie")]),
+        ("Skis, buses; knives and mice.", [("ski", "skis"), ("bus", "bus"), ("knife", "knife"), ("mouse", "mouse")]),
+        ("The dog's bowl", [("dog", "dog"), ("bowl", "bowl")]),
+    ],
+)  # fmt: skip
+def test_chair_words(caption: str, words: list[tuple[str, str]]) -> None:
+    assert chair_words(caption, COCO) == words
+
+
+def test_score_chair_on_captions_with_newlines_tabs_and_leading_spaces() -> None:
+    """1: dog, couch, both in the truth. 2: cat, traffic light ("traffic\\nlight" is one phrase): the light is
+    hallucinated. 3: toilet ("toilet seat"), sink: the sink is hallucinated.
+    CHAIR_i = (0 + 1 + 1) / (2 + 2 + 2) = 1/3; CHAIR_s = 2/3; recall = (2 + 1 + 1) / (2 + 1 + 1) = 1.
+    """
+    captions = {
+        "1": "  A dog\non a couch.\t",
+        "2": "\tTwo cats\tand a traffic\nlight.",
+        "3": "\n\nA toilet seat next to a sink.",
+    }
+    truth = {"1": ["dog", "sofa"], "2": ["cat"], "3": ["toilet"]}
+    out = score_chair(captions, truth, COCO)
+    assert out["chair_i"] == pytest.approx(1 / 3) and out["chair_s"] == pytest.approx(2 / 3)
+    assert out["recall"] == 1.0 and out["hallucinated_objects"] == {"sink": 1, "traffic light": 1}
+
+
+def test_read_chair_synonyms_keeps_the_official_quirks(tmp_path: Path) -> None:
+    """LisaAnne's reader splits on ", " without stripping items: an item after a double space keeps its leading
+    space and never matches. RLHF-V's reader strips every item. "sports ball" resolves as ground truth."""
+    path = tmp_path / "synonyms.txt"
+    path.write_text("motorcycle, scooter,  motor bike\ncake,  cheesecake\nsports ball, ball\n")
+    raw, stripped = read_chair_synonyms(path), read_chair_synonyms(path, strip=True)
+    assert raw.categories == ("motorcycle", "cake", "sports ball")
+    caption = "A scooter, a motor bike and a cheesecake."
+    assert chair_words(caption, raw) == [("scooter", "motorcycle")]
+    assert chair_words(caption, stripped) == [
+        ("scooter", "motorcycle"), ("motor bike", "motorcycle"), ("cheesecake", "cake")
+    ]  # fmt: skip
+    out = score_chair({"1": "Two balls."}, {"1": ["sports ball"]}, raw)
+    assert (out["n_mentions"], out["n_hallucinated"]) == (1, 0)
+    with pytest.raises(DataError, match="file not found"):
+        read_chair_synonyms(tmp_path / "missing.txt")

@@ -154,6 +154,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     rm.add_argument("--limit", type=int, default=None, help="only the first N pairs")
     rm.add_argument("--out", required=True, help="result JSON")
     rm.set_defaults(func=cmd_eval_rm)
+    from mmalign.eval.bench_cli import add_bench_commands
+
+    add_bench_commands(esub)
 
 
 def _write_json(path: str | Path, obj: Any) -> None:

@@ -289,13 +289,15 @@ class CheckedImages:
         not an error: the next load decodes again)."""
         if not self._new:
             return
-        merged = {**self._read(), **self._new}
-        lines = [self._header, *(f"{name}\t" + "\t".join(map(str, stamp)) for name, stamp in merged.items())]
+        from mmalign.runtime.locks import file_lock
+
         tmp = self.file.with_name(f"{self.file.name}.tmp{os.getpid()}")
         try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
-            os.replace(tmp, self.file)
+            with file_lock(self.file):  # loads in other processes merge their files too: one writer at a time
+                merged = {**self._read(), **self._new}
+                lines = [self._header, *(f"{name}\t" + "\t".join(map(str, stamp)) for name, stamp in merged.items())]
+                tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
+                os.replace(tmp, self.file)
         except (OSError, ValueError):
             tmp.unlink(missing_ok=True)
             return

@@ -31,7 +31,7 @@ from typing import Any
 
 from mmalign.errors import DataError
 from mmalign.eval.coco_vocab import ChairVocab, extract_mentions, normalize_form, singularize, tokenize
-from mmalign.eval.io import read_captions, read_object_annotations, read_rows, show
+from mmalign.eval.io import _read_text, read_captions, read_object_annotations, read_rows, show
 
 __all__ = [
     "CHAIR_DOUBLE_WORDS",
@@ -165,14 +165,7 @@ def read_chair_synonyms(path: str | Path, *, strip: bool = False) -> ChairVocab:
     Raises:
         DataError: the file cannot be read or has no categories.
     """
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(path, None, None, "file not found") from None
-    except OSError as err:
-        raise DataError(path, None, None, f"cannot read file ({err.strerror or err})") from None
-    except UnicodeDecodeError as err:
-        raise DataError(path, None, None, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = _read_text(path).splitlines()
     categories: list[str] = []
     forms: dict[str, str] = {}
     for line in lines:

@@ -34,7 +34,7 @@ from typing import Any
 from mmalign.errors import ConfigError, DataError
 from mmalign.eval.chair_score import word_tokenize
 from mmalign.eval.coco_vocab import singularize
-from mmalign.eval.io import _get, _int, _str, read_rows, show
+from mmalign.eval.io import get_field, int_field, read_rows, show, str_field
 
 GENERATIVE = "generative"
 # Annotation type → dimension of the discriminative task.
@@ -137,23 +137,23 @@ def _read_relation(path: Path) -> dict[str, tuple[str, ...]]:
 
 
 def _annotation(path: Path, row: int, rec: dict[str, Any], relation: Mapping[str, Any]) -> AmberAnnotation:
-    ident = _int(path, row, rec, "id")
+    ident = int_field(path, row, rec, "id")
     if ident != row:
         raise DataError(path, row, "id", f"expected {row}: the scorer reads the annotation of id i at index i - 1")
-    kind = _str(path, row, rec, "type")
+    kind = str_field(path, row, rec, "type")
     if kind == GENERATIVE:
         truth, hallu = (_objects(path, row, rec, key, relation) for key in ("truth", "hallu"))
         return AmberAnnotation(ident, kind, truth, hallu)
     if kind not in DIMENSIONS:
         raise DataError(path, row, "type", f"unknown type {show(kind)}")
-    answer = _get(path, row, rec, "truth")
+    answer = get_field(path, row, rec, "truth")
     if answer not in ("yes", "no"):
         raise DataError(path, row, "truth", f'expected "yes" or "no", got {show(answer)}')
     return AmberAnnotation(ident, kind, answer=answer)
 
 
 def _objects(path: Path, row: int, rec: dict[str, Any], key: str, relation: Mapping[str, Any]) -> tuple[str, ...]:
-    value = _get(path, row, rec, key)
+    value = get_field(path, row, rec, key)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise DataError(path, row, key, f"expected a list of object words, got {show(value)}")
     for word in value:
@@ -171,7 +171,9 @@ def read_amber_queries(directory: str | Path, evaluation_type: str = "a") -> tup
     name = EVALUATION_TYPES[evaluation_type][0]
     path = _file(Path(directory) / "query", name)
     queries = [
-        AmberQuery(_int(path, row, rec, "id"), _str(path, row, rec, "image"), _str(path, row, rec, "query"))
+        AmberQuery(
+            int_field(path, row, rec, "id"), str_field(path, row, rec, "image"), str_field(path, row, rec, "query")
+        )
         for row, rec in read_rows(path)
     ]
     if not queries:
@@ -187,10 +189,10 @@ def read_amber_responses(path: str | Path, n_annotations: int) -> list[tuple[int
     """
     out = []
     for row, rec in read_rows(path):
-        ident = _int(path, row, rec, "id")
+        ident = int_field(path, row, rec, "id")
         if not 1 <= ident <= n_annotations:
             raise DataError(path, row, "id", f"id {ident} is outside the annotations (1..{n_annotations})")
-        out.append((ident, _str(path, row, rec, "response")))
+        out.append((ident, str_field(path, row, rec, "response")))
     if not out:
         raise DataError(path, None, None, "no responses in file")
     return out

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.errors import ConfigError, DataError, ModelError
+from mmalign.eval.io import read_text
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ def cmd_eval_mmhal(args: argparse.Namespace) -> int:
     else:
         template = JUDGE_PROMPT
         if args.judge_prompt is not None:
-            template = check_judge_prompt(_read_text(args.judge_prompt), args.judge_prompt)
+            template = check_judge_prompt(read_text(args.judge_prompt), args.judge_prompt)
         judge = _early_judge(args, "mmhal")
         if args.answers is not None:
             answers = read_mmhal_answers(args.answers, len(items))
@@ -292,13 +293,6 @@ def cmd_eval_mmhal(args: argparse.Namespace) -> int:
     _write_json(args.out, result)
     print(mmhal_markdown(result))
     return 0
-
-
-def _read_text(path: str | Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(path, None, None, f"cannot read file ({err})") from None
 
 
 def _mmhal_generate(args: argparse.Namespace, items: Sequence[Any]) -> list[str]:

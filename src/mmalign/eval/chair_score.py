@@ -31,7 +31,7 @@ from typing import Any
 
 from mmalign.errors import DataError
 from mmalign.eval.coco_vocab import ChairVocab, extract_mentions, normalize_form, singularize, tokenize
-from mmalign.eval.io import _read_text, read_captions, read_object_annotations, read_rows, show
+from mmalign.eval.io import read_captions, read_object_annotations, read_rows, read_text, show
 
 __all__ = [
     "CHAIR_DOUBLE_WORDS",
@@ -165,7 +165,7 @@ def read_chair_synonyms(path: str | Path, *, strip: bool = False) -> ChairVocab:
     Raises:
         DataError: the file cannot be read or has no categories.
     """
-    lines = _read_text(path).splitlines()
+    lines = read_text(path).splitlines()
     categories: list[str] = []
     forms: dict[str, str] = {}
     for line in lines:

@@ -40,11 +40,11 @@ def read_rows(path: str | Path) -> list[Row]:
     Raises:
         DataError: the file cannot be read, a line is not valid JSON, or a row is not a JSON object.
     """
-    text = _read_text(path)
+    text = read_text(path)
     return _rows(path, text, _parse_whole(text))
 
 
-def _read_text(path: str | Path) -> str:
+def read_text(path: str | Path) -> str:
     try:
         if Path(path).exists() and not Path(path).is_file():
             raise DataError(path, None, None, "not a regular file")
@@ -85,14 +85,14 @@ def _rows(path: str | Path, text: str, doc: Any) -> list[Row]:
     return numbered
 
 
-def _get(path: str | Path, row: int | None, rec: dict[str, Any], field: str) -> Any:
+def get_field(path: str | Path, row: int | None, rec: dict[str, Any], field: str) -> Any:
     if field not in rec:
         raise DataError(path, row, field, "missing")
     return rec[field]
 
 
-def _str(path: str | Path, row: int | None, rec: dict[str, Any], field: str) -> str:
-    value = _get(path, row, rec, field)
+def str_field(path: str | Path, row: int | None, rec: dict[str, Any], field: str) -> str:
+    value = get_field(path, row, rec, field)
     if not isinstance(value, str):
         raise DataError(path, row, field, f"expected a string, got {show(value)}")
     if (problem := text_problem(value)) is not None:
@@ -100,9 +100,9 @@ def _str(path: str | Path, row: int | None, rec: dict[str, Any], field: str) -> 
     return value
 
 
-def _int(path: str | Path, row: int | None, rec: dict[str, Any], field: str) -> int:
+def int_field(path: str | Path, row: int | None, rec: dict[str, Any], field: str) -> int:
     """An integer field; a string of digits is accepted too."""
-    value = _get(path, row, rec, field)
+    value = get_field(path, row, rec, field)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
@@ -112,7 +112,7 @@ def _int(path: str | Path, row: int | None, rec: dict[str, Any], field: str) -> 
 
 def _image_id(path: str | Path, row: int | None, rec: dict[str, Any], field: str = "image_id") -> str:
     """An image id, given as an integer or a non-empty string, always returned as a string."""
-    value = _get(path, row, rec, field)
+    value = get_field(path, row, rec, field)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, str) and value.strip():
@@ -128,7 +128,7 @@ def _check_unique(path: str | Path, row: int, field: str, key: Any, first_row: d
 
 
 def _optional_str(path: str | Path, row: int, rec: dict[str, Any], field: str) -> str:
-    return _str(path, row, rec, field) if rec.get(field) is not None else ""
+    return str_field(path, row, rec, field) if rec.get(field) is not None else ""
 
 
 # --- POPE ---------------------------------------------------------------------------------------------------
@@ -153,17 +153,17 @@ def read_pope_questions(path: str | Path, image_root: str | Path | None = None) 
     questions: list[PopeQuestion] = []
     first_row: dict[int, int] = {}
     for row, rec in rows:
-        qid = _int(path, row, rec, "question_id")
+        qid = int_field(path, row, rec, "question_id")
         _check_unique(path, row, "question_id", qid, first_row)
-        text = _str(path, row, rec, "text")
-        label = _get(path, row, rec, "label")
+        text = str_field(path, row, rec, "text")
+        label = get_field(path, row, rec, "label")
         norm = label.strip().lower() if isinstance(label, str) else None
         if norm not in ("yes", "no"):
             raise DataError(path, row, "label", f'expected "yes" or "no", got {show(label)}')
         obj = _optional_str(path, row, rec, "object")
         if not obj and (match := _POPE_OBJECT.match(text.strip())):
             obj = match.group(1)
-        image = _str(path, row, rec, "image")
+        image = str_field(path, row, rec, "image")
         if checker is not None:
             try:
                 checker.check_path(image)
@@ -193,11 +193,11 @@ def read_pope_answers(path: str | Path) -> dict[int, str]:
     answers: dict[int, str] = {}
     first_row: dict[int, int] = {}
     for row, rec in read_rows(path):
-        qid = _int(path, row, rec, "question_id")
+        qid = int_field(path, row, rec, "question_id")
         _check_unique(path, row, "question_id", qid, first_row)
         if "text" not in rec and "answer" not in rec:
             raise DataError(path, row, "text", "missing (the answer goes in 'text' or 'answer')")
-        answers[qid] = _str(path, row, rec, "text" if "text" in rec else "answer")
+        answers[qid] = str_field(path, row, rec, "text" if "text" in rec else "answer")
     return answers
 
 
@@ -215,7 +215,7 @@ def read_captions(path: str | Path) -> dict[str, str]:
     for row, rec in read_rows(path):
         image_id = _image_id(path, row, rec)
         _check_unique(path, row, "image_id", image_id, first_row)
-        captions[image_id] = _str(path, row, rec, "caption")
+        captions[image_id] = str_field(path, row, rec, "caption")
     if not captions:
         raise DataError(path, None, None, "no captions in file")
     return captions
@@ -230,7 +230,7 @@ def read_object_annotations(path: str | Path, vocab: ChairVocab) -> dict[str, se
     Raises:
         DataError: a bad row, an unknown category, a duplicate ``image_id`` or a malformed COCO file.
     """
-    text = _read_text(path)
+    text = read_text(path)
     doc = _parse_whole(text)
     if isinstance(doc, dict) and "annotations" in doc:
         return _coco_instances(path, doc, vocab)
@@ -239,7 +239,7 @@ def read_object_annotations(path: str | Path, vocab: ChairVocab) -> dict[str, se
     for row, rec in _rows(path, text, doc):
         image_id = _image_id(path, row, rec)
         _check_unique(path, row, "image_id", image_id, first_row)
-        names = _get(path, row, rec, "objects")
+        names = get_field(path, row, rec, "objects")
         if not isinstance(names, list):
             raise DataError(path, row, "objects", f"expected a list of category names, got {show(names)}")
         objects[image_id] = {_category(path, row, "objects", name, vocab) for name in names}
@@ -276,14 +276,14 @@ def _coco_instances(path: str | Path, doc: dict[str, Any], vocab: ChairVocab) ->
     names = {}
     for i, cat in enumerate(_coco_list(path, doc, "categories")):
         with _coco_item(path, "categories", i):
-            names[_int(path, None, cat, "id")] = _category(path, None, "name", cat.get("name"), vocab)
+            names[int_field(path, None, cat, "id")] = _category(path, None, "name", cat.get("name"), vocab)
     objects: dict[str, set[str]] = {}
     for i, img in enumerate(_coco_list(path, doc, "images")):
         with _coco_item(path, "images", i):
             objects[_image_id(path, None, img, "id")] = set()
     for i, ann in enumerate(_coco_list(path, doc, "annotations")):
         with _coco_item(path, "annotations", i):
-            category_id = _int(path, None, ann, "category_id")
+            category_id = int_field(path, None, ann, "category_id")
             if category_id not in names:
                 raise DataError(path, None, "category_id", f"unknown category id {category_id}")
             objects.setdefault(_image_id(path, None, ann), set()).add(names[category_id])
@@ -299,7 +299,7 @@ def read_coco_caption_objects(path: str | Path, vocab: ChairVocab) -> dict[str, 
     Raises:
         DataError: a malformed file or annotation.
     """
-    text = _read_text(path)
+    text = read_text(path)
     doc = _parse_whole(text)
     objects: dict[str, set[str]] = {}
     if isinstance(doc, dict) and "annotations" in doc:
@@ -315,5 +315,5 @@ def read_coco_caption_objects(path: str | Path, vocab: ChairVocab) -> dict[str, 
 def _add_caption_objects(
     objects: dict[str, set[str]], path: str | Path, row: int | None, rec: dict[str, Any], vocab: ChairVocab
 ) -> None:
-    caption = _str(path, row, rec, "caption")
+    caption = str_field(path, row, rec, "caption")
     objects.setdefault(_image_id(path, row, rec), set()).update(extract_mentions(caption, vocab))

@@ -23,7 +23,7 @@ from typing import Any
 
 from mmalign.errors import DataError
 from mmalign.eval.bench_judge import BenchJudge, JudgeOutput, JudgeRequest
-from mmalign.eval.io import _get, _int, _str, read_rows, show
+from mmalign.eval.io import get_field, int_field, read_rows, show, str_field
 
 ROLE = "Assistant"
 # The rule prompt, paraphrased from LLaVA's ``rule.json`` (the spec does not quote it); ``--rule rule.json`` uses the
@@ -69,7 +69,7 @@ def _file(directory: Path, name: str) -> Path:
 
 
 def _caption(path: Path, row: int, rec: dict[str, Any]) -> str:
-    caption = _get(path, row, rec, "caption")
+    caption = get_field(path, row, rec, "caption")
     if isinstance(caption, str):
         return caption
     if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
@@ -85,7 +85,7 @@ def read_llava_bench(directory: str | Path) -> list[LlavaQuestion]:
     """
     root = Path(directory)
     qpath, cpath, apath = (_file(root, n) for n in ("questions.jsonl", "context.jsonl", "answers_gpt4.jsonl"))
-    captions = {_str(cpath, row, rec, "image"): _caption(cpath, row, rec) for row, rec in read_rows(cpath)}
+    captions = {str_field(cpath, row, rec, "image"): _caption(cpath, row, rec) for row, rec in read_rows(cpath)}
     references = read_rows(apath)
     questions = read_rows(qpath)
     if len(references) != len(questions):
@@ -93,17 +93,17 @@ def read_llava_bench(directory: str | Path) -> list[LlavaQuestion]:
         raise DataError(apath, None, None, reason)
     out = []
     for (row, rec), (arow, ans) in zip(questions, references):
-        image = _str(qpath, row, rec, "image")
+        image = str_field(qpath, row, rec, "image")
         if image not in captions:
             raise DataError(qpath, row, "image", f"image {show(image)} has no line in {cpath.name}")
         out.append(
             LlavaQuestion(
-                question_id=_int(qpath, row, rec, "question_id"),
+                question_id=int_field(qpath, row, rec, "question_id"),
                 image=image,
-                text=_str(qpath, row, rec, "text"),
-                category=_str(qpath, row, rec, "category"),
+                text=str_field(qpath, row, rec, "text"),
+                category=str_field(qpath, row, rec, "category"),
                 caption=captions[image],
-                reference=_str(apath, arow, ans, "text"),
+                reference=str_field(apath, arow, ans, "text"),
                 reference_id=ans.get("answer_id", ans.get("question_id")),
             )
         )
@@ -123,10 +123,10 @@ def read_llava_answers(path: str | Path, questions: Sequence[LlavaQuestion]) -> 
         raise DataError(path, None, None, f"{len(rows)} answers for {len(questions)} questions (paired by line order)")
     out = []
     for (row, rec), q in zip(rows, questions):
-        if "question_id" in rec and _int(path, row, rec, "question_id") != q.question_id:
+        if "question_id" in rec and int_field(path, row, rec, "question_id") != q.question_id:
             reason = f"expected {q.question_id} (the question on this line): answers are paired by line order"
             raise DataError(path, row, "question_id", reason)
-        out.append((_str(path, row, rec, "text"), rec.get("answer_id", rec.get("question_id"))))
+        out.append((str_field(path, row, rec, "text"), rec.get("answer_id", rec.get("question_id"))))
     return out
 
 
@@ -244,7 +244,7 @@ def read_reviews(path: str | Path) -> list[dict[str, Any]]:
     """
     reviews = []
     for row, rec in read_rows(path):
-        pair = _get(path, row, rec, "tuple")
+        pair = get_field(path, row, rec, "tuple")
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int | float) for v in pair)):
             raise DataError(path, row, "tuple", f"expected two scores, got {show(pair)}")
         category = rec.get("category")

@@ -21,7 +21,7 @@ from typing import Any
 
 from mmalign.errors import DataError
 from mmalign.eval.bench_judge import BenchJudge, JudgeOutput, JudgeRequest
-from mmalign.eval.io import _get, _str, read_rows, show
+from mmalign.eval.io import get_field, read_rows, show, str_field
 
 QUESTION_TYPES = (
     "attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other",
@@ -112,15 +112,15 @@ def read_mmhal_template(path: str | Path) -> list[MMHalItem]:
     items = []
     for row, rec in read_rows(path):
         index = row - 1
-        values = {name: _str(path, row, rec, name) for name in TEMPLATE_FIELDS}
+        values = {name: str_field(path, row, rec, name) for name in TEMPLATE_FIELDS}
         expected = QUESTION_TYPES[index % 8]
         if values["question_type"] != expected:
             reason = f"expected {show(expected)} at this position (type = index mod 8; keep the template's order)"
             raise DataError(path, row, "question_type", reason)
-        content = _get(path, row, rec, "image_content")
+        content = get_field(path, row, rec, "image_content")
         if not isinstance(content, list) or not all(isinstance(c, str) for c in content):
             raise DataError(path, row, "image_content", f"expected a list of category names, got {show(content)}")
-        answer = _str(path, row, rec, "model_answer") if rec.get("model_answer") is not None else ""
+        answer = str_field(path, row, rec, "model_answer") if rec.get("model_answer") is not None else ""
         items.append(MMHalItem(index, **values, image_content=tuple(content), model_answer=answer))
     if not items:
         raise DataError(path, None, None, "no questions in file")
@@ -137,9 +137,9 @@ def read_mmhal_answers(path: str | Path, n: int) -> list[str]:
     answers = []
     for row, rec in read_rows(path):
         if "model_answer" in rec:
-            answers.append(_str(path, row, rec, "model_answer"))
+            answers.append(str_field(path, row, rec, "model_answer"))
         elif "text" in rec:
-            answers.append(_str(path, row, rec, "text").replace("Assistant:", "").strip())
+            answers.append(str_field(path, row, rec, "text").replace("Assistant:", "").strip())
         else:
             raise DataError(path, row, "model_answer", "missing (the answer goes in 'model_answer' or 'text')")
     if len(answers) != n:

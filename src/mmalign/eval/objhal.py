@@ -26,7 +26,7 @@ from typing import Any
 from mmalign.data.media import MediaError, decode_base64
 from mmalign.errors import DataError
 from mmalign.eval.chair_score import ChairVocab, read_reference_caption_objects, score_chair
-from mmalign.eval.io import _int, _str, read_object_annotations, read_rows, show
+from mmalign.eval.io import int_field, read_object_annotations, read_rows, show, str_field
 
 COCO_FILES = ("instances_val2014.json", "instances_train2014.json", "captions_val2014.json", "captions_train2014.json")
 
@@ -61,12 +61,14 @@ def read_objhal_questions(path: str | Path, *, need_images: bool = False) -> lis
     for row, rec in read_rows(path):
         image = ""
         if need_images:
-            image = _str(path, row, rec, "image")
+            image = str_field(path, row, rec, "image")
             try:
                 decode_base64(image)
             except MediaError as err:
                 raise DataError(path, row, "image", str(err)) from None
-        out.append(ObjHalQuestion(row, _int(path, row, rec, "image_id"), _str(path, row, rec, "question"), image))
+        out.append(
+            ObjHalQuestion(row, int_field(path, row, rec, "image_id"), str_field(path, row, rec, "question"), image)
+        )
     if not out:
         raise DataError(path, None, None, "no questions in file")
     return out
@@ -82,15 +84,15 @@ def read_objhal_answers(path: str | Path, questions: Sequence[ObjHalQuestion] | 
     for i, (row, rec) in enumerate(read_rows(path)):
         if "text" not in rec and "answer" not in rec:
             raise DataError(path, row, "text", "missing (the answer goes in 'text' or 'answer')")
-        text = _str(path, row, rec, "text" if "text" in rec else "answer").replace("Assistant:", "").strip()
+        text = str_field(path, row, rec, "text" if "text" in rec else "answer").replace("Assistant:", "").strip()
         if "image_id" in rec:
-            image_id = _int(path, row, rec, "image_id")
+            image_id = int_field(path, row, rec, "image_id")
         elif questions is not None and i < len(questions):
             image_id = questions[i].image_id
         else:
             raise DataError(path, row, "image_id", "missing (and no question on this line of the question file)")
         key = "prompt" if "prompt" in rec else "question"
-        question = _str(path, row, rec, key) if rec.get(key) is not None else ""
+        question = str_field(path, row, rec, key) if rec.get(key) is not None else ""
         out.append(ObjHalAnswer(row, image_id, text, question))
     if not out:
         raise DataError(path, None, None, "no answers in file")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from mmalign.cli import main
-from mmalign.data.collate import encode_sft
+from mmalign.data.collate import encode_prompts, encode_sft
 from mmalign.data.lengths import TokenCounter, fit_lengths
 from mmalign.data.loaders import load_samples
 from mmalign.data.pair_inputs import encode_pairs
@@ -107,3 +108,19 @@ def test_sft_refuses_an_over_long_sample_before_training(
         assert (out / "model" / "model.safetensors").is_file()
     finally:
         path.unlink()
+
+
+def test_prompts_keep_room_for_the_sampled_reply(world_dir: Path, processor) -> None:
+    data = load_samples(world_dir / "sft.jsonl", limit=8)
+    prompts = [dataclasses.replace(s, messages=s.prompt_messages) for s in data.samples]
+    encoded = encode_prompts(processor, prompts)["attention_mask"].sum(1).tolist()
+    longest = max(encoded)
+    # Counted with the generation prompt, exactly as the sampler encodes them: a prompt fits when it and
+    # max_new_tokens fit in max_length.
+    fitted = fit_lengths(processor, prompts, data.rows, data.path, longest + 16, reserve=16)
+    assert fitted.longest == longest and fitted.rows == data.rows
+    row = data.rows[encoded.index(longest)]
+    with pytest.raises(DataError, match=rf"row {row} field 'messages': {longest} tokens .* \+ max_new_tokens=17 > "):
+        fit_lengths(processor, prompts, data.rows, data.path, longest + 16, reserve=17)
+    with pytest.raises(DataError, match="leaves no room"):
+        fit_lengths(processor, prompts, data.rows, data.path, 16, reserve=16)

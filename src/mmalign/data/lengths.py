@@ -40,8 +40,9 @@ T = TypeVar("T", Sample, PreferencePair)
 class TokenCounter:
     """Counts the model tokens of a conversation with its images, as ``mmalign.data.collate`` would encode it."""
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, *, generation_prompt: bool = False) -> None:
         self.processor = processor
+        self.generation_prompt = generation_prompt
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self._probe = render(processor, [Message.user("x", images=1)])
         self._probe_text = self.text_tokens([self._probe])[0]
@@ -74,7 +75,7 @@ class TokenCounter:
 
     def lengths(self, conversations: Sequence[Sequence[Message]], images: Sequence[Sequence[ImageRef]], root: Any):
         """Token count of each conversation (with its images)."""
-        texts = [render(self.processor, conv) for conv in conversations]
+        texts = [render(self.processor, conv, generation_prompt=self.generation_prompt) for conv in conversations]
         extra = [sum(self.image_extra(ref, root) for ref in refs) for refs in images]
         return [n + e for n, e in zip(self.text_tokens(texts), extra, strict=True)]
 
@@ -146,6 +147,7 @@ def fit_lengths(
     policy: Truncation = "error",
     *,
     field: str = "messages",
+    reserve: int = 0,
 ) -> Fitted:
     """Check every example's token count against ``max_length`` and apply ``policy`` to those over it.
 
@@ -157,6 +159,8 @@ def fit_lengths(
         max_length: longest allowed sequence in tokens (image tokens included).
         policy: ``error``, ``truncate_prompt`` or ``skip`` (see the module docstring).
         field: the field an error names.
+        reserve: tokens kept free after each example (prompts that replies are sampled for: ``max_new_tokens``);
+            the examples are then rendered with the generation prompt.
 
     Raises:
         DataError: an example over the limit (``error``), one that cannot be cut short enough
@@ -164,8 +168,12 @@ def fit_lengths(
     """
     if policy not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {policy!r}")
-    counter = TokenCounter(processor)
+    counter = TokenCounter(processor, generation_prompt=reserve > 0)
     rows = list(rows) if rows else list(range(1, len(items) + 1))
+    if reserve >= max_length:
+        raise DataError(
+            path, None, None, f"max_new_tokens={reserve} leaves no room for a prompt in max_length={max_length}"
+        )
     kept: list[Any] = []
     kept_rows: list[int] = []
     fitted = Fitted(kept, kept_rows)
@@ -175,8 +183,8 @@ def fit_lengths(
         lengths = _lengths(counter, part, rows[start : start + chunk], path)
         for item, row, length in zip(part, rows[start : start + chunk], lengths, strict=True):
             fitted.longest = max(fitted.longest, length)
-            if length > max_length:
-                item = _over(counter, item, row, path, length, max_length, policy, field)
+            if length + reserve > max_length:
+                item = _over(counter, item, row, path, length, max_length - reserve, policy, field, reserve)
                 if item is None:
                     fitted.skipped += 1
                     continue
@@ -207,7 +215,7 @@ def _lengths(counter: TokenCounter, items: Sequence[Any], rows: Sequence[int], p
             owner.append(k)
     out = [0] * len(items)
     try:
-        texts = [render(counter.processor, conv) for conv in convs]
+        texts = [render(counter.processor, conv, generation_prompt=counter.generation_prompt) for conv in convs]
         text_n = counter.text_tokens(texts)
     except (TemplateError, ValueError, TypeError) as err:  # a chat template that rejects a conversation
         raise DataError(path, None, None, f"the model's chat template cannot render a conversation: {err}") from None
@@ -229,6 +237,7 @@ def _over(
     max_length: int,
     policy: Truncation,
     field: str,
+    reserve: int = 0,
 ) -> Any | None:
     """The policy's answer for one example over the limit: a truncated copy, None (skip), or a ``DataError``."""
     if policy == "skip":
@@ -238,8 +247,8 @@ def _over(
             path,
             row,
             field,
-            f"{length} tokens (image tokens included) > max_length={max_length}; raise max_length, or set "
-            "truncation=truncate_prompt or truncation=skip",
+            f"{length} tokens (image tokens included){_plus(reserve)} > max_length={max_length + reserve}; raise "
+            "max_length, or set truncation=truncate_prompt or truncation=skip",
         )
     for _ in range(4):  # re-tokenizing a cut text can shift a boundary by a token or two
         turns, removed = _cut_prompt(counter, _prompt_turns(item), length - max_length)
@@ -253,9 +262,13 @@ def _over(
         path,
         row,
         field,
-        f"{length} tokens > max_length={max_length} even with the prompt's text cut: its images and replies "
-        "alone are too long; raise max_length or set truncation=skip",
+        f"{length} tokens{_plus(reserve)} > max_length={max_length + reserve} even with the prompt's text cut: its "
+        "images and replies alone are too long; raise max_length or set truncation=skip",
     )
+
+
+def _plus(reserve: int) -> str:
+    return f" + max_new_tokens={reserve}" if reserve else ""
 
 
 def check_lengths(processor: Any, data: Any, cfg: Any, items_attr: str, *, field: str = "messages") -> None:

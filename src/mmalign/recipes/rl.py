@@ -35,6 +35,7 @@ import torch
 from pydantic import Field, model_validator
 
 from mmalign.config import FreezeConfig, TrainConfig
+from mmalign.data.lengths import fit_lengths
 from mmalign.data.loaders import load_samples
 from mmalign.data.pair_inputs import Continuations, encode_reply_ids
 from mmalign.forward import VALUE_HEAD, TokenScorer, TokenScores
@@ -150,6 +151,9 @@ def train(cfg: RlConfig) -> Path:
     if judge is not None:
         check_prompts(judge, prompts)  # e.g. a fact-augmented reward model's facts, before any model is loaded
     loaded = load_model(cfg.model)
+    prompts = fit_lengths(
+        loaded.processor, prompts, data.rows, data.path, cfg.max_length, cfg.truncation, reserve=cfg.max_new_tokens
+    ).items
     reference = None  # the model as loaded, frozen; only the KL term reads it
     if cfg.kl_coef > 0:
         reference = TokenScorer(copy.deepcopy(loaded.model).eval().requires_grad_(False)).to(accelerator.device)

@@ -30,12 +30,12 @@ from mmalign.cli import main
 from mmalign.config import load_config
 from mmalign.data import media
 from mmalign.data.loaders import load_samples
-from mmalign.data.media import MediaError
 from mmalign.data.preference import load_pairs
-from mmalign.errors import ConfigError, DataError
+from mmalign.errors import ConfigError, DataError, MediaError
 from mmalign.eval.coco_vocab import ChairVocab
 from mmalign.eval.io import read_captions, read_object_annotations
 from mmalign.eval.pope import load_pope_sets
+from mmalign.limits import MAX_PIXELS_ENV, MAX_TEXT_ENV
 from mmalign.recipes.dpo import DpoConfig
 from mmalign.recipes.sft import SftConfig
 
@@ -224,8 +224,8 @@ def _check(outcome: Callable[[], Any], case_dir: Path) -> str:
 
 
 def _data_case(kind: str, seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(media.MAX_PIXELS_ENV, "100000")
-    monkeypatch.setenv(media.MAX_TEXT_ENV, "200000")
+    monkeypatch.setenv(MAX_PIXELS_ENV, "100000")
+    monkeypatch.setenv(MAX_TEXT_ENV, "200000")
     monkeypatch.delenv(media.ALLOW_OUTSIDE_ENV, raising=False)
     root = tmp_path / "case"
     _tree(root)

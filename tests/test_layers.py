@@ -14,14 +14,14 @@ SRC = Path(mmalign.__file__).parent
 
 # Top-level module or package → layer; a module may import its own layer and those below.
 LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0, "types": 0, "cachedir": 0,
+    "__init__": 0, "errors": 0, "types": 0, "cachedir": 0, "limits": 0, "userfn": 0,
     "config": 1, "stats": 1, "losses": 1, "reward_losses": 1, "rl_losses": 1, "logprobs": 1,
     "models": 2,
     "data": 3, "runtime": 3,
     "forward": 4, "reward": 4, "generation": 4, "eval": 4, "judges": 4,
     "recipes": 5,
     "lab": 6,
-    "cli": 7,
+    "cli": 7, "__main__": 7,
 }  # fmt: skip
 
 

@@ -12,9 +12,10 @@ from PIL import Image
 from mmalign.cli import main
 from mmalign.data import media
 from mmalign.data.loaders import load_samples
-from mmalign.data.media import MediaError, open_image, resolve_in_root
-from mmalign.errors import DataError
+from mmalign.data.media import resolve_in_root
+from mmalign.errors import DataError, MediaError
 from mmalign.eval.pope import load_pope_sets
+from mmalign.limits import MAX_PIXELS_ENV, MAX_TEXT_ENV, open_image
 
 
 @pytest.fixture()
@@ -105,22 +106,22 @@ def test_only_regular_files_under_the_pixel_limit_are_opened(tree: Path, monkeyp
     with pytest.raises(DataError, match=r"row 1 field 'images\[0\]': image path is not a regular file"):
         load_samples(path)
     Image.new("L", (300, 200)).save(tree / "img" / "big.png")
-    monkeypatch.setenv(media.MAX_PIXELS_ENV, "59999")
+    monkeypatch.setenv(MAX_PIXELS_ENV, "59999")
     with pytest.raises(
         MediaError, match=r"300x200 = 60,000 pixels is over the limit of 59,999 .*MMALIGN_MAX_IMAGE_PIXELS"
     ):
         open_image(tree / "img" / "big.png")
     with pytest.raises(DataError, match="over the limit"):
         load_samples(_sft(tree, _row("img/big.png")))
-    monkeypatch.setenv(media.MAX_PIXELS_ENV, "60000")
+    monkeypatch.setenv(MAX_PIXELS_ENV, "60000")
     assert open_image(tree / "img" / "big.png").size == (300, 200)
-    monkeypatch.setenv(media.MAX_PIXELS_ENV, "lots")
+    monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
     with pytest.raises(MediaError, match="must be a positive integer"):
         open_image(tree / "img" / "big.png")
 
 
 def test_text_fields_have_a_length_limit(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(media.MAX_TEXT_ENV, "50")
+    monkeypatch.setenv(MAX_TEXT_ENV, "50")
     path = _sft(tree, _row("img/a.png", "x" * 50), _row("img/a.png", "x" * 51))
     with pytest.raises(DataError, match=r"row 2 field 'messages\[0\]': text of 51 characters is over the limit of 50"):
         load_samples(path)

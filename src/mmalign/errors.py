@@ -42,3 +42,8 @@ class ModelError(Exception):
 
 class TrainingError(Exception):
     """A run that cannot go on: a non-finite loss or gradient (the weights are left as the last good step made them)."""
+
+
+class MediaError(ValueError):
+    """A media value that cannot be used; the message is the reason, without file/row context (loaders wrap it into a
+    ``DataError`` that names the file, row and field)."""

@@ -82,7 +82,7 @@ class ImageRef:
 
     def open(self, root: str | Path | None = None):  # -> PIL.Image.Image
         """Decode the image to RGB. Raises ``OSError``/``ValueError`` on unreadable data."""
-        from mmalign.data.media import open_image
+        from mmalign.limits import open_image
 
         if self.data is not None:
             img = open_image(self.data)

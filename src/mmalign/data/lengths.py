@@ -26,8 +26,8 @@ from typing import Any, Literal, TypeVar
 from jinja2 import TemplateError
 
 from mmalign.data.collate import processor_inputs, render
-from mmalign.data.media import MediaError, open_image
-from mmalign.errors import DataError
+from mmalign.errors import DataError, MediaError
+from mmalign.limits import open_image
 from mmalign.types import ImageRef, Message, Part, PreferencePair, Sample
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from mmalign.data.loaders import collect_rows, open_source
-from mmalign.data.media import MediaChecker, text_problem
+from mmalign.data.media import MediaChecker
 from mmalign.data.records import (
     IMAGE_TOKEN,
     RowContext,
@@ -62,6 +62,7 @@ from mmalign.data.records import (
     type_name,
 )
 from mmalign.errors import DataError
+from mmalign.limits import text_problem
 from mmalign.types import ImageRef, Message, Part, PreferencePair
 
 Schema = Literal["mmalign", "trl", "rlaif_v", "vlfeedback", "llamafactory"]

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-from mmalign.data.media import MediaChecker, MediaError, media_source, text_problem
-from mmalign.errors import DataError
+from mmalign.data.media import MediaChecker, media_source
+from mmalign.errors import DataError, MediaError
+from mmalign.limits import text_problem
 from mmalign.types import AudioRef, ImageRef, Message, Part, PartType, Role, Sample
 
 ROLES: tuple[str, ...] = get_args(Role)

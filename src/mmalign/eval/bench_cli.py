@@ -135,7 +135,8 @@ class _Images:
 
     def check(self, name: str, path: str | Path, row: int, field: str) -> Path:
         """The image's absolute path; a path outside the root or an unusable image is a ``DataError``."""
-        from mmalign.data.media import MediaError, resolve_in_root
+        from mmalign.data.media import resolve_in_root
+        from mmalign.errors import MediaError
 
         try:
             self._checker.check_path(name)
@@ -343,7 +344,8 @@ def cmd_eval_objhal(args: argparse.Namespace) -> int:
 
 def _objhal_generate(args: argparse.Namespace, questions: Sequence[Any]) -> list[Any]:
     """Describe each image (decoded from the question file's base64 before generation)."""
-    from mmalign.data.media import MediaError, check_image, decode_base64
+    from mmalign.data.media import check_image, decode_base64
+    from mmalign.errors import MediaError
     from mmalign.eval.objhal import ObjHalAnswer
 
     samples = []

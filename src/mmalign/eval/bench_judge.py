@@ -6,10 +6,10 @@ Nothing here calls a network: a judge is either
   text-only causal LM loaded with transformers from the directory (``local_files_only``); it gets the benchmark's
   judge prompt as one user turn, decodes greedily, and its text is parsed by the benchmark; or
 * the user's own Python function (``FunctionBenchJudge``), named ``FILE.py:function`` or ``module:function`` and
-  loaded as ``mmalign.judges.python`` loads judges. It is called as ``fn(prompt, reply)`` with ``prompt`` a
-  ``Sample`` (one user turn holding the judge prompt; ``meta`` holds the benchmark's fields and ``"benchmark"``)
-  and ``reply`` the answer under judgement, and returns the judge's text (parsed like a model's), a number (the
-  score itself) or, for LLaVA-Bench, a pair ``(reference score, answer score)``.
+  loaded as the RL and online-DPO judges are (``mmalign.userfn``). It is called as ``fn(prompt, reply)`` with
+  ``prompt`` a ``Sample`` (one user turn holding the judge prompt; ``meta`` holds the benchmark's fields and
+  ``"benchmark"``) and ``reply`` the answer under judgement, and returns the judge's text (parsed like a model's), a
+  number (the score itself) or, for LLaVA-Bench, a pair ``(reference score, answer score)``.
 
 An output that is none of these counts as unparsed; the benchmark reports how many there were.
 """
@@ -160,9 +160,9 @@ def load_judge(spec: str, *, benchmark: str, max_new_tokens: int = 256, batch_si
         return _load_model_judge(path, max_new_tokens=max_new_tokens, batch_size=batch_size)
     if ":" not in spec:
         raise ConfigError(f"judge {spec!r}: not a model directory, and not 'FILE.py:function' or 'module:function'")
-    from mmalign.judges.python import FunctionJudge
+    from mmalign.userfn import load_function
 
-    return FunctionBenchJudge(FunctionJudge.load(spec).fn, name=spec, benchmark=benchmark)
+    return FunctionBenchJudge(load_function(spec, "judge"), name=spec, benchmark=benchmark)
 
 
 def _load_model_judge(path: Path, *, max_new_tokens: int, batch_size: int) -> ModelJudge:

@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mmalign.data.media import MediaChecker, MediaError, text_problem
-from mmalign.errors import DataError
+from mmalign.data.media import MediaChecker
+from mmalign.errors import DataError, MediaError
 from mmalign.eval.coco_vocab import ChairVocab, extract_mentions
+from mmalign.limits import text_problem
 from mmalign.types import PopeQuestion
 
 Row = tuple[int, dict[str, Any]]

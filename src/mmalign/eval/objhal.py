@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmalign.data.media import MediaError, decode_base64
-from mmalign.errors import DataError
+from mmalign.data.media import decode_base64
+from mmalign.errors import DataError, MediaError
 from mmalign.eval.chair_score import ChairVocab, read_reference_caption_objects, score_chair
 from mmalign.eval.io import int_field, read_object_annotations, read_rows, show, str_field
 

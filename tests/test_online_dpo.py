@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmalign.config import load_config
 from mmalign.errors import ConfigError
@@ -205,3 +206,138 @@ def test_online_dpo_resume_matches_uninterrupted(llava_dir: Path, world_dir: Pat
     assert max((a[k] - moved[k]).abs().max().item() for k in a) > 1e-4
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+def test_vllm_engine_is_refused_for_bdhs_pairs_and_asks_for_vllm(tmp_path: Path) -> None:
+    """BDHS pairs mask image tokens, which vLLM cannot: refused when the config loads. vLLM missing is refused when
+    the run starts, before any model or data is read."""
+    from mmalign.generation.vllm import vllm_available
+
+    for extra in (["rejected=bdhs"], ["gamma=0.5", "offline_data=x"]):
+        with pytest.raises(ConfigError, match=r"^online-dpo: engine=vllm cannot hide image tokens") as err:
+            load_config(OnlineDpoConfig, overrides=["engine=vllm", *extra])
+        assert "\n" not in str(err.value) and "rejected=sampled" in str(err.value)
+    load_config(OnlineDpoConfig, overrides=["engine=vllm", "rejected=bdhs", "bdhs_rho=0"])  # nothing hidden
+    cfg = load_config(
+        OnlineDpoConfig,
+        flags={"model": str(tmp_path / "none"), "data": str(tmp_path / "none.jsonl"), "out": str(tmp_path / "o")},
+        overrides=["engine=vllm"],
+    )
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ConfigError, match=r"^online-dpo: engine=vllm needs vLLM.*pip install 'mmalign\[vllm\]'"):
+        online_dpo.train(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_sharded_engines_are_refused_because_the_policy_samples() -> None:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    def accelerator(kind: DistributedType, stage: int = 0) -> SimpleNamespace:
+        return SimpleNamespace(
+            distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage))
+        )
+
+    for kind, stage in ((DistributedType.NO, 0), (DistributedType.MULTI_GPU, 0), (DistributedType.DEEPSPEED, 2)):
+        online_dpo._check_whole_weights(accelerator(kind, stage))
+    for kind, stage, name in ((DistributedType.FSDP, 0, "FSDP"), (DistributedType.DEEPSPEED, 3, "ZeRO-3")):
+        with pytest.raises(ConfigError, match=rf"{name} shards them: launch with configs/accelerate/ddp.yaml"):
+            online_dpo._check_whole_weights(accelerator(kind, stage))
+
+
+def test_policy_weights_for_vllm_carry_hugging_face_names_with_lora_merged(llava_dir: Path) -> None:
+    """What ``engine=vllm`` pushes each step: the plain model's state dict; for LoRA, the merged weights under the
+    base model's names (what ``merge_and_unload`` would save), the adapters left unmerged for training."""
+    import copy
+
+    import torch
+
+    from mmalign.models.load import apply_lora, load_model
+
+    loaded = load_model(llava_dir)
+    plain = online_dpo.policy_weights(loaded.model)
+    assert plain.keys() == loaded.model.state_dict().keys()
+    peft = apply_lora(copy.deepcopy(loaded.model), loaded.family, r=4, alpha=8, dropout=0.0, targets=None)
+    with torch.no_grad():  # adapters that change the weights (peft starts B at zero)
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    before = {k: v.clone() for k, v in peft.state_dict().items()}
+    pushed = online_dpo.policy_weights(peft)
+    merged = copy.deepcopy(peft).merge_and_unload().state_dict()
+    assert pushed.keys() == merged.keys() == plain.keys()
+    for key in merged:
+        torch.testing.assert_close(pushed[key], merged[key], msg=key)
+    assert any(not torch.equal(pushed[k], plain[k]) for k in plain)
+    for key, value in peft.state_dict().items():
+        torch.testing.assert_close(value, before[key], msg=key)  # unmerged again (to rounding)
+
+
+def test_online_dpo_pushes_the_policy_into_vllm_every_step(
+    llava_dir: Path, world_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wiring of ``engine=vllm``, on a CPU with a stand-in ``vllm`` (``test_generation.fake_vllm``): one engine,
+    built in this process from the starting checkpoint with the configured memory share; before each step's sampling
+    it receives the policy's weights under their Hugging Face names (the second push holds the first step's update);
+    the samples it returns are judged and trained on."""
+    import os
+
+    from test_generation import fake_vllm
+
+    fake = fake_vllm(monkeypatch)
+    cfg = load_config(
+        OnlineDpoConfig,
+        flags={"model": str(llava_dir), "data": str(world_dir / "captions.jsonl"), "out": str(tmp_path / "on")},
+        overrides=["engine=vllm", "vllm_gpu_memory=0.25", "steps=2", "batch_size=2", "progress=false", "lr=1e-3",
+                   "log_every=1", "samples_per_prompt=3"],
+    )  # fmt: skip
+    online_dpo.train(cfg)
+    [llm] = fake.built
+    assert llm.model == str(llava_dir) and llm.kwargs == {"gpu_memory_utilization": 0.25}
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert len(llm.pushed) == 2 and len(llm.requests) == 4  # two prompts per step
+    from mmalign.models.load import load_model
+
+    start = load_model(llava_dir).model.state_dict()
+    first, second = llm.pushed
+    assert first.keys() == start.keys()
+    assert all(torch.equal(first[k], start[k]) for k in start)
+    assert any(not torch.equal(second[k], first[k]) for k in first)
+    rows = [json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["val/contain_eos_token"] == 1.0
+
+
+def online_dpo_on_vllm(model: str, data: str, out: str) -> None:
+    """Run in its own process (``test_generation.run_isolated``): two steps of online DPO with ``engine=vllm``."""
+    from test_generation import small_vllm
+
+    online_dpo.make_generator = small_vllm(online_dpo.make_generator)
+    cfg = load_config(
+        OnlineDpoConfig,
+        flags={"model": model, "data": data, "out": out},
+        overrides=["engine=vllm", "steps=2", "batch_size=2", "max_new_tokens=6", "progress=false", "log_every=1"],
+    )
+    online_dpo.train(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_online_dpo_samples_with_vllm(world_dir: Path, tmp_path: Path) -> None:
+    """Two steps of online DPO whose samples come from vLLM: the engine gets the policy's weights each step, the
+    judge ranks its samples, the model saves."""
+    from mmalign.generation.vllm import vllm_available
+
+    if not vllm_available():
+        pytest.skip("needs vLLM: pip install 'mmalign[vllm]'")
+    from test_generation import run_isolated, vllm_sized_model
+
+    model = vllm_sized_model(world_dir, tmp_path / "model")
+    out = tmp_path / "run"
+    run_isolated("test_online_dpo", "online_dpo_on_vllm", str(model), str(world_dir / "captions.jsonl"), str(out))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert rows[0]["objective/scores_margin"] >= 0 and 0 <= rows[0]["val/contain_eos_token"] <= 1
+    assert (out / "model" / "model.safetensors").exists()

@@ -145,3 +145,23 @@ def test_sigkill_between_and_during_checkpoint_writes_resumes_bit_identically(
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))  # every step once, in order
     assert not list(ckpts.glob(".step-*"))
+
+
+def test_one_writer_per_output_file(tmp_path: Path) -> None:
+    from mmalign.runtime.locks import lock_output, release_run_dir
+
+    out = tmp_path / "pairs.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mmalign.runtime.locks import "
+         "lock_output; lock_output(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"pairs.jsonl is in use by another run \\(process {holder.pid}\\)"):
+            lock_output(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    lock_output(out)
+    release_run_dir(out)

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmalign.data.media import ALLOW_OUTSIDE_ENV, MediaError
-from mmalign.errors import ConfigError, DataError, ModelError, TrainingError
+from mmalign.data.media import ALLOW_OUTSIDE_ENV
+from mmalign.errors import ConfigError, DataError, MediaError, ModelError, TrainingError
 from mmalign.lab import cli as lab_cli
 from mmalign.runtime.launch import LaunchError
 
@@ -118,6 +118,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         help="greedy generation (official) or the one-forward Yes/No logit fast path",
     )
     pope.add_argument("--suffix", default="", help="text appended to each question (LLaVA-1.5: see docs)")
+    pope.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="what generates (--method generate)")
     pope.add_argument("--batch-size", type=int, default=32)
     pope.add_argument("--out", required=True, help="result JSON")
     pope.set_defaults(func=cmd_eval_pope)
@@ -136,6 +137,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     chair.add_argument("--max-new-tokens", type=int, default=64)
     chair.add_argument("--batch-size", type=int, default=16)
     chair.add_argument("--limit", type=int, default=None)
+    chair.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="what writes the captions")
     chair.add_argument("--out", required=True)
     chair.set_defaults(func=cmd_eval_chair)
 
@@ -169,8 +171,12 @@ def _write_json(path: str | Path, obj: Any) -> None:
 
 def cmd_eval_pope(args: argparse.Namespace) -> int:
     from mmalign.eval.pope import evaluate_pope, load_pope_sets, summary_table
+    from mmalign.generation.engines import check_engine
     from mmalign.models.load import load_model
 
+    check_engine(args.engine)
+    if args.engine != "hf" and args.method == "logits":
+        raise ConfigError("--method logits reads the Hugging Face model's logits: use --method generate with vLLM")
     sets = load_pope_sets(args.data, args.split, args.image_root)
     loaded = load_model(args.model)
     out = Path(args.out)
@@ -182,6 +188,8 @@ def cmd_eval_pope(args: argparse.Namespace) -> int:
         suffix=args.suffix,
         batch_size=args.batch_size,
         answers_out=out.with_suffix(".answers.jsonl"),
+        engine=args.engine,
+        model_dir=args.model,
     )
     _write_json(out, results if len(results) > 1 else next(iter(results.values())))
     print(summary_table(results))
@@ -201,8 +209,10 @@ def cmd_score_pope(args: argparse.Namespace) -> int:
 def cmd_eval_chair(args: argparse.Namespace) -> int:
     from mmalign.eval.chair import evaluate_chair
     from mmalign.eval.chair_score import chair_markdown_table
+    from mmalign.generation.engines import check_engine
     from mmalign.models.load import load_model
 
+    check_engine(args.engine)
     loaded = load_model(args.model)
     out = Path(args.out)
     result = evaluate_chair(
@@ -215,6 +225,8 @@ def cmd_eval_chair(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         captions_out=out.with_suffix(".captions.jsonl"),
+        engine=args.engine,
+        model_dir=args.model,
     )
     _write_json(out, result)
     print(chair_markdown_table(result))
@@ -253,6 +265,12 @@ def _add_pairs(p: argparse.ArgumentParser) -> None:
     b.add_argument("--batch-size", type=int, default=16, help="examples generated together")
     b.add_argument("--max-samples", type=int)
     b.add_argument("--on-bad-record", choices=["fail", "skip"], default="fail")
+    b.add_argument(
+        "--engine",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="what writes the rejected replies: hf, or vllm for corruption=noise|remove (pip install 'mmalign[vllm]')",
+    )
     b.set_defaults(func=cmd_pairs_bdhs, config_fields=add_config_flags(b, BdhsConfig))
 
 
@@ -267,10 +285,10 @@ def cmd_pairs_bdhs(args: argparse.Namespace) -> int:
         cfg = BdhsConfig(**given(args, args.config_fields))
     except ValueError as e:
         raise ConfigError(f"mmalign pairs bdhs: {e}") from None
-    loaded = load_model(args.model)
+    loaded = load_model(args.model) if args.engine == "hf" else None
     result = run_bdhs(
-        loaded.model,
-        loaded.processor,
+        loaded.model if loaded else None,
+        loaded.processor if loaded else None,
         args.data,
         args.out,
         cfg,
@@ -278,6 +296,8 @@ def cmd_pairs_bdhs(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_samples=args.max_samples,
         on_bad_record=args.on_bad_record,
+        engine=args.engine,
+        model_dir=args.model,
     )
     rates = ", ".join(f"{i + 1}: {r:.0%}" for i, r in enumerate(result.accepted_by_iteration))
     print(

@@ -16,6 +16,7 @@ from mmalign.errors import DataError
 from mmalign.eval.chair_score import ChairVocab, score_chair
 from mmalign.eval.generate import generate_answers
 from mmalign.eval.io import read_object_annotations
+from mmalign.generation.engines import Engine
 from mmalign.types import Sample
 
 DESCRIBE_FILE = "eval_describe.jsonl"
@@ -65,8 +66,11 @@ def evaluate_chair(
     limit: int | None = None,
     captions_out: Path | None = None,
     progress: bool = True,
+    engine: Engine = "hf",
+    model_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Generate a caption per prompt and score CHAIR_i, CHAIR_s, recall and mean length."""
+    """Generate a caption per prompt (``engine="vllm"``: with vLLM from ``model_dir``) and score CHAIR_i, CHAIR_s,
+    recall and mean length."""
     prompts, chair_vocab = resolve_chair_inputs(data, vocab)
     samples = load_samples(prompts, limit=limit).samples
     truth = ground_truth(samples, prompts, chair_vocab, annotations)
@@ -78,6 +82,8 @@ def evaluate_chair(
         batch_size=batch_size,
         desc="CHAIR captions",
         progress=progress,
+        engine=engine,
+        model_dir=model_dir,
     )
     by_id = {image_id(s): c for s, c in zip(samples, captions)}
     if captions_out is not None:

@@ -3,16 +3,25 @@
 Two ways to answer a yes/no question: generate greedily and parse the text (what POPE's official protocol does),
 or read the logits of the "Yes" and "No" tokens at the first answer position in one forward pass (fast path: no
 decoding loop; agrees with greedy decoding whenever the greedy first token is one of them).
+
+Greedy answers come from ``model.generate`` (``engine="hf"``, the default) or from vLLM (``engine="vllm"``, given
+the checkpoint directory; ``pip install 'mmalign[vllm]'``). The vLLM engine of a directory is built once per process
+and reused by later calls (an evaluation asks for several splits).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmalign.data.collate import encode_prompts
+from mmalign.errors import ConfigError
+from mmalign.generation.engines import Engine, check_engine, make_generator
+from mmalign.generation.sampling import SamplingParams
 from mmalign.runtime.progress import progress_bar
 from mmalign.types import Sample
 
@@ -40,9 +49,15 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@lru_cache(maxsize=1)
+def _vllm_engine(model_dir: str) -> Any:
+    """One vLLM engine per process, kept for the next call with the same directory."""
+    return make_generator("vllm", model_dir=model_dir)
+
+
 @torch.no_grad()
 def generate_answers(
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     processor: Any,
     samples: Sequence[Sample],
     *,
@@ -50,8 +65,27 @@ def generate_answers(
     batch_size: int = 16,
     desc: str = "generate",
     progress: bool = True,
+    engine: Engine = "hf",
+    model_dir: str | Path | None = None,
 ) -> list[str]:
-    """Greedy completions of each sample's prompt (the final assistant turn, if any, is ignored)."""
+    """Greedy completions of each sample's prompt (the final assistant turn, if any, is ignored).
+
+    Args:
+        model, processor: the loaded model (``engine="hf"``; unused with ``"vllm"``).
+        engine: ``"hf"`` (``model.generate``) or ``"vllm"`` (loads ``model_dir``).
+        model_dir: the checkpoint directory (``engine="vllm"``).
+
+    Raises:
+        ConfigError: ``engine="vllm"`` without vLLM installed or without ``model_dir``; an unknown engine.
+    """
+    check_engine(engine)
+    if engine == "vllm":
+        if model_dir is None:
+            raise ConfigError("engine=vllm loads the model from its directory: pass model_dir=")
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+        return [group[0].text for group in _vllm_engine(str(model_dir)).generate(samples, params=params)]
+    if model is None:
+        raise ValueError("engine=hf answers with a loaded model: pass model=")
     tok = _tokenizer(processor)
     model.eval()
     out: list[str] = []

@@ -5,6 +5,15 @@ in one write and flushed, and its generation is seeded by the run seed and the b
 therefore continues with the first batch that is not complete in the file: a torn last line, or a batch only partly
 written, is dropped and redone, nothing is duplicated, and the result is the same as an uninterrupted run's.
 Acceptance rates per iteration go to ``<out>.stats.json``.
+
+Output rows are matched to input samples by the sample's id (each pair's ``meta.source``), so the ids of the input
+must be unique: a repeated id is a ``DataError`` naming both rows. Rows without an id are keyed by their row number
+(``load_samples`` names them ``<file stem>-<row>``). An existing output file is continued only if every complete line
+is a row this command wrote (JSON with ``meta.source``, ``meta.iteration`` and ``meta.accepted``); anything else is a
+``DataError`` naming the file, line and field, and the file is left as it was.
+
+``engine="vllm"`` writes the rejected replies with vLLM (``mmalign.generation.engines``); it serves the noised and
+image-removed variants (``corruption=noise|remove``), not image-attention masking.
 """
 
 from __future__ import annotations
@@ -17,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mmalign.data.loaders import load_samples
+from mmalign.data.loaders import LoadResult, load_samples
 from mmalign.data.preference import pair_row
+from mmalign.errors import DataError
 from mmalign.generation.bdhs import BdhsConfig, bdhs_pairs
 from mmalign.generation.embed import Embedder, SentenceEmbedder
-from mmalign.generation.hf import HFGenerator
+from mmalign.generation.engines import Engine, check_engine, make_generator
 from mmalign.runtime.checkpoint import atomic_write_text
+from mmalign.runtime.locks import lock_output, release_run_dir
 from mmalign.runtime.progress import progress_bar
 from mmalign.types import Sample
 
@@ -52,19 +63,52 @@ class BdhsRun:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
+# What every row of a BDHS pairs file carries in ``meta`` (resumption reads the first, the statistics the others).
+_WRITTEN = {"source": str, "iteration": int, "accepted": bool}
+_NOT_OURS = "is not a row `mmalign pairs bdhs` writes; continue only a file it wrote (or choose another --out)"
+
+
+def _check_unique_ids(loaded: LoadResult) -> None:
+    """A ``DataError`` naming the file, both rows and the field ``id`` when two samples share an id."""
+    rows = loaded.rows or list(range(1, len(loaded.samples) + 1))
+    first: dict[str, int] = {}
+    for sample, row in zip(loaded.samples, rows):
+        if sample.id in first:
+            raise DataError(
+                loaded.path,
+                row,
+                "id",
+                f"{sample.id!r} is also the id of row {first[sample.id]}; BDHS matches its output to the input by "
+                "id, so ids must be unique",
+            )
+        first[sample.id] = row
+
+
 def _read_done(out: Path) -> dict[str, str]:
-    """source sample id → its JSON line, for every complete line of an earlier run (a torn last line is dropped)."""
+    """source sample id → its JSON line, for every complete line of an earlier run (a torn last line is dropped).
+
+    Raises:
+        DataError: a complete line that is not a BDHS row (naming the file, line and field).
+    """
     done: dict[str, str] = {}
     if not out.exists():
         return done
-    for line in out.read_text(encoding="utf-8").splitlines(keepends=True):
+    for number, line in enumerate(out.read_text(encoding="utf-8").splitlines(keepends=True), start=1):
         if not line.endswith("\n"):
-            break
+            break  # the last write of a killed run, cut short
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            break
-        done[row["meta"]["source"]] = line
+            raise DataError(out, number, None, f"not JSON; the line {_NOT_OURS}") from None
+        meta = row.get("meta") if isinstance(row, dict) else None
+        if not isinstance(meta, dict):
+            raise DataError(out, number, "meta", f"missing; the row {_NOT_OURS}")
+        for key, kind in _WRITTEN.items():
+            if not isinstance(meta.get(key), kind):
+                raise DataError(out, number, f"meta.{key}", f"missing or not {kind.__name__}; the row {_NOT_OURS}")
+        done[meta["source"]] = line
     return done
 
 
@@ -93,26 +137,42 @@ def run_bdhs(
     max_samples: int | None = None,
     on_bad_record: Literal["fail", "skip"] = "fail",
     progress: bool = True,
+    engine: Engine = "hf",
+    model_dir: str | Path | None = None,
 ) -> BdhsRun:
     """Write BDHS pairs for every sample of ``data`` that ends with an assistant answer (the chosen reply).
 
     Args:
-        model, processor: the policy that writes the rejected replies (e.g. the SFT model).
-        data: samples in any format ``load_samples`` reads.
-        out: the output ``.jsonl``; an existing file is continued.
+        model, processor: the policy that writes the rejected replies (e.g. the SFT model); unused (may be
+            ``None``) with ``engine="vllm"``.
+        data: samples in any format ``load_samples`` reads, with unique ids.
+        out: the output ``.jsonl``; an existing file written by this function is continued.
         embedder: the sentence embedder of the similarity filter (default: all-MiniLM-L6-v2, offline).
         batch_size: examples generated together (also the unit of resumption).
+        engine: ``"hf"`` (every corruption) or ``"vllm"`` (``corruption=noise|remove``; loads ``model_dir``).
+        model_dir: the policy's checkpoint directory (``engine="vllm"``).
+
+    Raises:
+        ConfigError: ``engine="vllm"`` with image-attention masking, or without vLLM installed.
+        DataError: repeated ids in ``data``; an existing ``out`` that this function did not write.
     """
+    masking = cfg.corruption == "mask" and cfg.rho > 0
+    check_engine(engine, image_masking=masking, where="mmalign pairs bdhs: ", instead="corruption=noise|remove")
     out = Path(out)
     loaded = load_samples(data, on_bad_record=on_bad_record, limit=max_samples)
+    _check_unique_ids(loaded)
     samples: list[Sample] = [s for s in loaded.samples if s.target]
     if not samples:
-        raise ValueError(f"{data}: no sample ends with an assistant answer to use as the chosen reply")
+        raise DataError(data, None, None, "no sample ends with an assistant answer to use as the chosen reply")
     if len(samples) < len(loaded.samples):
         log.info("%d samples have no final assistant answer and are left out", len(loaded.samples) - len(samples))
-    embedder = embedder or SentenceEmbedder()
-    generator = HFGenerator(model, processor, batch_size=max(batch_size, 1) * 4)
+    # The output is claimed and checked before the embedder and the generator are built: a wrong --out fails at once.
+    lock_output(out)
     done = _read_done(out)
+    embedder = embedder or SentenceEmbedder()
+    generator = make_generator(
+        engine, model=model, processor=processor, model_dir=model_dir, batch_size=max(batch_size, 1) * 4
+    )
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     complete = [all(s.id in done for s in b) for b in batches]
     # Keep only whole batches from an earlier run, in batch order; anything else is regenerated.
@@ -136,6 +196,13 @@ def run_bdhs(
     bar.close()
     seconds = time.perf_counter() - t0
     total, cumulative = _stats(out, cfg.iterations)
-    stats = {"pairs": total, "accepted_by_iteration": cumulative, "config": cfg.__dict__, "data": str(data)}
+    stats = {
+        "pairs": total,
+        "accepted_by_iteration": cumulative,
+        "config": cfg.__dict__,
+        "engine": engine,
+        "data": str(data),
+    }
     atomic_write_text(out.with_suffix(out.suffix + ".stats.json"), json.dumps(stats, indent=2) + "\n")
+    release_run_dir(out)
     return BdhsRun(out, total, generated, cumulative, seconds)

@@ -15,6 +15,12 @@ per example, the pair comes from one of:
 The pairs are then scored by the shared-prompt pair forward (policy with grad, reference without) and the DPO or IPO
 loss is taken; metrics use TRL's online-DPO names. Generation is seeded by (seed, micro-step), so ``--resume``
 reproduces an uninterrupted run.
+
+``engine=vllm`` samples with a vLLM engine in each process (TRL's colocated mode): it loads the starting checkpoint
+and receives the policy's weights before the first sampling of every step. It serves ``rejected=sampled`` only:
+BDHS pairs (``rejected=bdhs``, ``gamma``) hide image tokens from attention, which vLLM cannot do. Sampling from the
+policy between steps needs its whole weights in every process, so FSDP and DeepSpeed ZeRO-3 (which shard them) are
+refused; DDP and ZeRO-2 run it (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -27,16 +33,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from mmalign.config import FreezeConfig, PreferenceConfig, dump_config
+from mmalign.config import FreezeConfig, PreferenceConfig
 from mmalign.data.loaders import load_samples
 from mmalign.data.pair_inputs import encode_pairs
 from mmalign.data.preference import load_pairs
 from mmalign.errors import ConfigError
 from mmalign.forward import ForwardOptions, PairScorer, pair_logps
+from mmalign.generation import Generator
 from mmalign.generation.bdhs import BdhsConfig, bdhs_pairs
-from mmalign.generation.hf import HFGenerator
+from mmalign.generation.engines import Engine, check_engine, make_generator
 from mmalign.generation.sampling import SamplingParams
 from mmalign.judges import Judge, check_prompts, load_judge
 from mmalign.losses import compute_loss, dpo_metrics
@@ -46,7 +53,7 @@ from mmalign.runtime.launch import Recipe
 from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
-from mmalign.runtime.run import finish_run, make_accelerator, resume_and_log, trainable_model
+from mmalign.runtime.run import finish_run, make_accelerator, open_run_dir, resume_and_log, trainable_model
 from mmalign.runtime.step import StepEnd
 from mmalign.types import PreferencePair, Sample
 
@@ -74,7 +81,22 @@ class OnlineDpoConfig(PreferenceConfig):
     offline_data: str | None = None
     mix_p: float = Field(0.0, ge=0, le=1)
     gamma: float | None = Field(None, ge=0, le=1)
+    engine: Engine = Field(
+        "hf",
+        description="what samples the replies: hf (the policy itself) or vllm (a vLLM engine in each process that "
+        "gets the policy's weights every step; pip install 'mmalign[vllm]'; rejected=sampled only)",
+    )
+    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="share of the GPU's memory the vLLM engine takes")
     freeze: FreezeConfig = Field(default_factory=lambda: FreezeConfig(vision=True, projector=False, llm=False))
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> OnlineDpoConfig:
+        bdhs = (self.rejected == "bdhs" or self.gamma is not None) and self.bdhs_rho > 0
+        check_engine(
+            self.engine, image_masking=bdhs, where="online-dpo: ", installed=False,
+            instead="rejected=sampled without gamma (BDHS pairs mask the image)",
+        )  # fmt: skip
+        return self
 
 
 def make_judge(cfg: OnlineDpoConfig) -> Judge:
@@ -97,7 +119,7 @@ def _pair(sample: Sample, chosen: str, rejected: str, meta: dict[str, Any]) -> P
 
 
 def sampled_pairs(
-    generator: HFGenerator, judge: Judge, samples: list[Sample], cfg: OnlineDpoConfig, seed: int
+    generator: Generator, judge: Judge, samples: list[Sample], cfg: OnlineDpoConfig, seed: int
 ) -> tuple[list[PreferencePair], dict[str, float]]:
     """Online pairs: ``k`` policy samples per prompt, judged; best vs worst. Also the online metrics."""
     params = SamplingParams(
@@ -126,7 +148,7 @@ def sampled_pairs(
 
 
 def bdhs_online_pairs(
-    generator: HFGenerator, samples: list[Sample], cfg: OnlineDpoConfig, seed: int
+    generator: Generator, samples: list[Sample], cfg: OnlineDpoConfig, seed: int
 ) -> list[PreferencePair]:
     """Ground truth vs a BDHS reply written now by the current policy (one guided round, no similarity filter)."""
     bcfg = BdhsConfig(rho=cfg.bdhs_rho, iterations=1, max_new_tokens=cfg.max_new_tokens, seed=seed)
@@ -147,7 +169,7 @@ def _from_offline(pair: PreferencePair) -> Sample:
 
 
 def step_pairs(
-    generator: HFGenerator,
+    generator: Generator,
     judge: Judge | None,
     prompts: list[Sample],
     offline: list[PreferencePair],
@@ -180,16 +202,47 @@ def step_pairs(
     return pairs, torch.full((len(pairs),), 1.0 / len(pairs)), stats
 
 
+def _check_whole_weights(accelerator: Any) -> None:
+    """Refuse engines that shard the policy's weights (the policy samples between steps; see the module docstring)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    zero3 = kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    if kind == DistributedType.FSDP or zero3:
+        raise ConfigError(
+            "online-dpo samples from the policy between steps, which needs its whole weights in every process; "
+            f"{'ZeRO-3' if zero3 else 'FSDP'} shards them: launch with configs/accelerate/ddp.yaml or zero2.yaml"
+        )
+
+
+def policy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The VLM's weights under its Hugging Face names, LoRA adapters merged in (what ``engine=vllm`` loads).
+
+    A ``peft`` model is merged for the copy and unmerged again, so training goes on with the adapters apart.
+    """
+    if not callable(getattr(model, "merge_adapter", None)):
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    model.merge_adapter()
+    try:
+        merged = {}
+        for name, value in model.state_dict().items():
+            if "lora_" in name or "modules_to_save" in name:
+                continue
+            merged[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value.detach().clone()
+    finally:
+        model.unmerge_adapter()
+    return merged
+
+
 def train(cfg: OnlineDpoConfig) -> Path:
     """Run online / hybrid DPO; returns the final model directory (``<out>/model``)."""
     if (cfg.mix_p > 0 or cfg.gamma is not None) and not cfg.offline_data:
         raise ConfigError("mix_p > 0 and gamma need offline_data=PAIRS")
-    out = Path(cfg.out)
+    check_engine(cfg.engine, where="online-dpo: ")
     accelerator = make_accelerator(cfg)
+    _check_whole_weights(accelerator)
     torch.manual_seed(cfg.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
+    out = open_run_dir(cfg, accelerator)
     data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
     prompts = data.samples
     offline = load_pairs(cfg.offline_data, on_bad_record=cfg.on_bad_record).pairs if cfg.offline_data else []
@@ -206,7 +259,17 @@ def train(cfg: OnlineDpoConfig) -> Path:
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     start, metrics = resume_and_log(accelerator, policy, optimizer, cfg)
-    generator = HFGenerator(accelerator.unwrap_model(policy).vlm, loaded.processor, batch_size=cfg.batch_size * 4)
+    vlm = accelerator.unwrap_model(policy).vlm
+    engine_kwargs: dict[str, Any] = {}
+    if cfg.engine == "vllm":
+        engine_kwargs = {"in_process": True, "gpu_memory_utilization": cfg.vllm_gpu_memory}
+        if accelerator.num_processes > 1:  # one engine per process, in torchrun's process group (as TRL does)
+            engine_kwargs["distributed_executor_backend"] = "external_launcher"
+    generator = make_generator(
+        cfg.engine, model=vlm, processor=loaded.processor, model_dir=cfg.model, batch_size=cfg.batch_size * 4,
+        seed=cfg.seed + accelerator.process_index, **engine_kwargs,
+    )  # fmt: skip
+    sync = getattr(generator, "load_weights", None) if cfg.engine == "vllm" else None
     share = accelerator.unwrap_model(policy).options.share_prompt
     loss_cfg, warmup = cfg.loss_config(), int(cfg.warmup_ratio * cfg.steps)
     policy.train()
@@ -218,6 +281,8 @@ def train(cfg: OnlineDpoConfig) -> Path:
         lr = cfg.lr * lr_factor(step, cfg.steps, warmup, cfg.schedule)
         set_lr(optimizer, lr)
         logged: dict[str, float] = {}
+        if sync is not None:
+            sync(policy_weights(vlm).items())  # the policy as the last step left it
         for micro in range(cfg.grad_accum):
             m = step * cfg.grad_accum + micro
             idx = batch_indices(

@@ -27,18 +27,28 @@ def lock_run_dir(out: Path) -> None:
     Raises:
         ConfigError: another process holds the directory (a second run into the same ``--out``).
     """
-    key = os.path.abspath(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, out / RUN_LOCK, "--out")
+
+
+def lock_output(path: Path) -> None:
+    """The same for a command that writes one file (``pairs bdhs --out FILE``): ``.<name>.lock`` beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _claim(path, path.with_name(f".{path.name}.lock"), "--out")
+
+
+def _claim(what: Path, lock_file: Path, flag: str) -> None:
+    key = os.path.abspath(what)
     if key in _HELD:
         return
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise ConfigError(
-            f"{out} is in use by another run (process {holder}); wait for it to end or choose another --out"
+            f"{what} is in use by another run (process {holder}); wait for it to end or choose another {flag}"
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -46,7 +56,7 @@ def lock_run_dir(out: Path) -> None:
 
 
 def release_run_dir(out: Path) -> None:
-    """Release the run directory's lock (nothing to do when this process does not hold it)."""
+    """Release the lock of a run directory or output file (nothing to do when this process does not hold it)."""
     fd = _HELD.pop(os.path.abspath(out), None)
     if fd is not None:
         os.close(fd)

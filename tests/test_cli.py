@@ -108,3 +108,21 @@ def test_eval_chair_runs_on_the_world(llava_dir: Path, world_dir: Path, tmp_path
     assert {"chair_i", "chair_s", "recall", "mean_length"} <= set(result)
     assert result["n"] == 4
     assert out.with_suffix(".captions.jsonl").is_file()
+
+
+def test_overrides_may_follow_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``key=value`` overrides between and after flags all count; anything else left over is argparse's error."""
+    from mmalign.cli import build_parser, main
+
+    words = ["train", "dpo", "beta=0.3", "--steps", "5", "lr=1e-4", "--batch-size", "2", "freeze.llm=false"]
+    parser = build_parser(words)
+    args, extra = parser.parse_known_args(words)
+    assert args.overrides == ["beta=0.3"] and extra == ["lr=1e-4", "freeze.llm=false"]
+    # The run fails on the missing --model, after every override was read (an unknown key would fail first).
+    assert main([*words, "bogus_key=1"]) == 2
+    assert "bogus_key" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "dpo", "beta=0.3", "--steps", "5", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+    assert main(["train", "dpo", "--steps", "5", "stray"]) == 2
+    assert "override 'stray' is not of the form key=value" in capsys.readouterr().err

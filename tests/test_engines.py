@@ -161,3 +161,51 @@ def test_eval_commands_refuse_vllm_when_it_cannot_serve(tmp_path: Path, capsys: 
     if not vllm_available():
         assert main(chair) == 2
         assert "pip install 'mmalign[vllm]'" in capsys.readouterr().err
+
+
+class _StubState:
+    def __init__(self, stage: int) -> None:
+        from types import SimpleNamespace
+
+        self.deepspeed_plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={})
+
+
+class _StubAccelerator:
+    """What ``runtime.run`` reads of an accelerator under DeepSpeed or FSDP (no GPU needed)."""
+
+    def __init__(self, kind: str, stage: int = 0, state_dict: dict | None = None, wrapped: object = None) -> None:
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = DistributedType[kind]
+        self.state = _StubState(stage)
+        self._state_dict, self._wrapped = state_dict or {}, wrapped
+
+    def get_state_dict(self, model: object) -> dict:
+        return self._state_dict
+
+    def unwrap_model(self, model: object) -> object:
+        return self._wrapped
+
+
+def test_sharded_engines_get_what_they_need_or_a_one_line_refusal() -> None:
+    from mmalign.config import TrainConfig
+    from mmalign.errors import ConfigError
+    from mmalign.forward import PairScorer
+    from mmalign.runtime.run import _fit_engine, _gathered_state, sharded
+
+    zero2, zero3, fsdp = _StubAccelerator("DEEPSPEED", 2), _StubAccelerator("DEEPSPEED", 3), _StubAccelerator("FSDP")
+    assert (sharded(zero2), sharded(zero3), sharded(fsdp), sharded(_StubAccelerator("MULTI_GPU"))) == (
+        False, True, True, False)  # fmt: skip
+    _fit_engine(zero2, TrainConfig(batch_size=6, save_every=5, resume=True))  # ZeRO-2 keeps whole parameters
+    assert zero2.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 6
+    with pytest.raises(ConfigError, match="set grad_accum=1"):
+        _fit_engine(zero2, TrainConfig(grad_accum=2))
+    for engine in (zero3, fsdp):
+        _fit_engine(engine, TrainConfig())
+        with pytest.raises(ConfigError, match="save_every, resume under a sharded engine"):
+            _fit_engine(engine, TrainConfig(save_every=5, resume=True))
+    # The gathered state of a scorer-wrapped VLM: the VLM's own names, training-only heads left out.
+    state = {"vlm.model.w": torch.ones(1), "vlm.value_head.weight": torch.ones(1), "vlm.lm_head.weight": torch.ones(1)}
+    wrapped = PairScorer.__new__(PairScorer)
+    gathered = _gathered_state(_StubAccelerator("FSDP", state_dict=state, wrapped=wrapped), None, ("value_head",))
+    assert sorted(gathered) == ["lm_head.weight", "model.w"]

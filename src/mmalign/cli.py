@@ -359,7 +359,14 @@ def _fail(exc: BaseException, code: int, verbose: bool) -> int:
 
 def main(argv: Iterable[str] | None = None) -> int:
     words = list(argv) if argv is not None else sys.argv[1:]
-    args = build_parser(words).parse_args(words)
+    parser = build_parser(words)
+    args, extra = parser.parse_known_args(words)
+    # ``key=value`` overrides may come between or after flags (``... beta=0.2 --steps 5 lr=1e-4``): argparse takes
+    # the positional run before the first flag only, so the later ones are gathered here.
+    if extra and hasattr(args, "overrides") and all("=" in w and not w.startswith("-") for w in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

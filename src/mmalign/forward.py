@@ -207,6 +207,11 @@ class PairScorer(torch.nn.Module):
 
     wraps_vlm = True  # ``runtime.run.unwrapped`` saves ``.vlm``
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The VLM's layers that a sharded engine (FSDP2) wraps one by one."""
+        return getattr(self.vlm, "_no_split_modules", None)
+
     def __init__(self, vlm: torch.nn.Module, options: ForwardOptions = ForwardOptions()) -> None:
         super().__init__()
         self.vlm = vlm
@@ -323,6 +328,11 @@ class TokenScorer(torch.nn.Module):
     as ``.vlm`` (marked ``wraps_vlm``)."""
 
     wraps_vlm = True
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The VLM's layers that a sharded engine (FSDP2) wraps one by one."""
+        return getattr(self.vlm, "_no_split_modules", None)
 
     def __init__(self, vlm: torch.nn.Module) -> None:
         super().__init__()

@@ -165,12 +165,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return Resumed(step=int(state["step"]), extra=state.get("extra", {}))
 
 
-def save_model_atomic(model: torch.nn.Module, processor: Any, out: Path) -> Path:
-    """``save_pretrained`` model + processor into ``out`` through a temporary directory and a rename."""
+def save_model_atomic(
+    model: torch.nn.Module, processor: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """``save_pretrained`` model + processor into ``out`` through a temporary directory and a rename (``state_dict``:
+    the weights to write instead of the model's own, e.g. gathered from a sharded engine)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(tmp)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():

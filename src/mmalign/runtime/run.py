@@ -35,7 +35,44 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     # may each ask for their own mixed precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=several and not torch.cuda.is_available())
+    _fit_engine(accelerator, cfg)
+    return accelerator
+
+
+def sharded(accelerator: Any) -> bool:
+    """Whether the engine shards the parameters across processes (FSDP, DeepSpeed ZeRO-3): saving gathers them."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def _fit_engine(accelerator: Any, cfg: TrainConfig) -> None:
+    """What the sharded engines need from a run, refused in one line when a run asks for more.
+
+    DeepSpeed steps its optimizer inside every ``backward`` and sizes its batch from its config: the micro-batch is
+    the run's ``batch_size`` and ``grad_accum`` must be 1. Under FSDP / ZeRO-3 the final model is gathered and saved;
+    periodic checkpoints, ``--resume`` and LoRA are not supported there yet.
+    """
+    from accelerate.utils import DistributedType
+
+    from mmalign.errors import ConfigError
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if cfg.grad_accum > 1:
+            raise ConfigError("DeepSpeed steps inside every backward: set grad_accum=1 and raise batch_size instead")
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    if sharded(accelerator):
+        asked = [k for k, on in (("save_every", cfg.save_every), ("resume", cfg.resume), ("lora", cfg.lora.enabled))
+                 if on]  # fmt: skip
+        if asked:
+            raise ConfigError(
+                f"{', '.join(asked)} under a sharded engine (FSDP, ZeRO-3) is not supported yet: the final model is "
+                "gathered and saved, but checkpoints and adapters are not; use ddp.yaml or zero2.yaml for them"
+            )
 
 
 def start_run(cfg: TrainConfig) -> tuple[Any, Path]:
@@ -198,19 +235,30 @@ def finish_run(
     accelerator.wait_for_everyone()
     out = Path(cfg.out)
     final = out / "model"
+    # Sharded parameters are gathered to the main process, by every process (a collective).
+    full = _gathered_state(accelerator, model, training_only) if sharded(accelerator) else None
     if accelerator.is_main_process:
         inner = unwrapped(accelerator, model)
-        save_checkpoint(
-            out / "checkpoints", cfg.steps, inner, optimizer, keep=cfg.keep_checkpoints, run=run_identity(cfg)
-        )
+        if full is None:
+            save_checkpoint(
+                out / "checkpoints", cfg.steps, inner, optimizer, keep=cfg.keep_checkpoints, run=run_identity(cfg)
+            )
         base = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner
         for name in training_only:
             delattr(base, name)
         if cfg.lora.enabled:
             inner.save_pretrained(out / "adapter")
             inner = inner.merge_and_unload()
-        save_model_atomic(inner, processor, final)
+        save_model_atomic(inner, processor, final, state_dict=full)
         if metrics is not None:
             metrics.close()
         release_run_dir(out)
     return final
+
+
+def _gathered_state(accelerator: Any, model: Any, training_only: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The full state dict of a sharded model (on the main process), with the names the saved VLM has."""
+    state = accelerator.get_state_dict(model)
+    if getattr(type(accelerator.unwrap_model(model)), "wraps_vlm", False):
+        state = {k.removeprefix("vlm."): v for k, v in state.items() if k.startswith("vlm.")}
+    return {k: v for k, v in state.items() if not any(k.startswith(f"{name}.") for name in training_only)}

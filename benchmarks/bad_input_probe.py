@@ -187,6 +187,14 @@ def cases(p: dict[str, Path], root: Path) -> list[tuple[str, Callable[[], Outcom
         return cli("pairs bdhs --out FILE of another kind", ["pairs", "bdhs", "--model", m, "--data",
                    str(world / "sft.jsonl"), "--out", str(other_kind), "--max-samples", "2"])  # fmt: skip
 
+    def pope_parse() -> Outcome:
+        result = cli("pope parse", ["eval", "score-pope", "--answers", str(answers), "--labels", str(labels), "--out",
+                                    out("s.json")])  # fmt: skip
+        if result.code == 0:
+            accuracy = json.loads(Path(out("s.json")).read_text())["accuracy"]
+            result.message = f"parsed as {'yes' if accuracy == 1 else 'no'} (label yes)"
+        return result
+
     def judge_in_yaml() -> Outcome:
         result = cli("judge: FILE.py in a YAML config", ["train", "online-dpo", "--config", str(yaml_judge), "--model",
                      m, "--data", str(world / "sft.jsonl"), "--out", out("yamljudge"), "--steps", "1"])  # fmt: skip
@@ -279,13 +287,7 @@ def cases(p: dict[str, Path], root: Path) -> list[tuple[str, Callable[[], Outcom
         ),
         ("pairs bdhs --out FILE of another kind", bdhs_other_kind),
         ("judge: FILE.py in a YAML config", judge_in_yaml),
-        (
-            "score-pope: answer 'Yes\\nNo' (official: yes)",
-            lambda: cli(
-                "pope parse",
-                ["eval", "score-pope", "--answers", str(answers), "--labels", str(labels), "--out", out("s.json")],
-            ),
-        ),
+        ("score-pope: answer 'Yes\\nNo' (official: yes)", pope_parse),
         (
             "eval pope: --allow-outside-root reads a linked image",
             lambda: cli(

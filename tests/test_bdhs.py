@@ -221,6 +221,11 @@ def test_an_out_file_of_another_kind_is_refused_and_left_alone(world_dir: Path, 
     out.write_text(json.dumps(good) + "\nnot json\n")
     with pytest.raises(DataError, match=r"sft.jsonl row 2: not JSON"):
         run(out)
+    # A file written with more guided iterations than this run makes.
+    other = {"id": "b/bdhs", "meta": {"source": "b", "iteration": 3, "accepted": True}}
+    out.write_text(json.dumps(good) + "\n" + json.dumps(other) + "\n")
+    with pytest.raises(DataError, match=r"row 2 field 'meta.iteration': 3 is not in 1..1: the file was written"):
+        run(out)
 
 
 def test_vllm_engine_refuses_image_masking_and_needs_vllm(world_dir: Path, tmp_path: Path) -> None:

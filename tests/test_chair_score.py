@@ -12,12 +12,13 @@ from mmalign.eval.chair_score import (
     chair_markdown_table,
     chair_words,
     read_chair_synonyms,
+    read_reference_caption_objects,
     score_chair,
     score_chair_files,
     word_tokenize,
 )
 from mmalign.eval.coco_vocab import COCO_SYNONYMS, ChairVocab, extract_mentions, singularize, tokenize
-from mmalign.eval.io import read_captions, read_coco_caption_objects, read_object_annotations
+from mmalign.eval.io import read_captions, read_object_annotations
 
 COCO = ChairVocab.coco()
 WORLD_VOCAB = {"synonyms": {"moon": ["moon", "moons", "crescent"], "cross": ["cross", "plus", "plus sign"]}}
@@ -245,7 +246,7 @@ def test_score_chair_files_with_coco_captions(tmp_path: Path) -> None:
             }
         )
     )
-    assert read_coco_caption_objects(refs, COCO) == {"1": {"person", "dog", "bench"}}
+    assert read_reference_caption_objects(refs, COCO) == {"1": {"person", "dog", "bench"}}
     captions = write_jsonl(
         tmp_path / "c.jsonl", [{"image_id": 1, "caption": "Two kids and a puppy on a bench with a kite."}]
     )

@@ -124,3 +124,19 @@ def test_prompts_keep_room_for_the_sampled_reply(world_dir: Path, processor) -> 
         fit_lengths(processor, prompts, data.rows, data.path, longest + 16, reserve=17)
     with pytest.raises(DataError, match="leaves no room"):
         fit_lengths(processor, prompts, data.rows, data.path, 16, reserve=16)
+
+
+def test_critique_pairs_count_the_request_and_the_critique(world_dir: Path, tmp_path: Path, processor) -> None:
+    from mmalign.reward import CRITIQUE_REQUEST, encode_pair_critiques
+
+    write_world_pairs(world_dir, tmp_path / "pairs.jsonl", seed=0)
+    pairs = [
+        dataclasses.replace(p, chosen_critique="It names what is there.", rejected_critique="It invents a moon " * 3)
+        for p in load_pairs(tmp_path / "pairs.jsonl", root=world_dir, limit=4).pairs
+    ]
+    plain = fit_lengths(processor, pairs, [], "p", max_length=10_000).longest
+    longest = fit_lengths(processor, pairs, [], "p", max_length=10_000, critique_request=CRITIQUE_REQUEST).longest
+    assert longest > plain
+    encode_pair_critiques(processor, pairs, longest)
+    with pytest.raises(ValueError, match=f"> max_length={longest - 1}"):
+        encode_pair_critiques(processor, pairs, longest - 1)

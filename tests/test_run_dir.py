@@ -165,3 +165,16 @@ def test_one_writer_per_output_file(tmp_path: Path) -> None:
         holder.wait()
     lock_output(out)
     release_run_dir(out)
+
+
+def test_a_failed_command_frees_its_run_directory(llava_dir: Path, world_dir: Path, tmp_path: Path) -> None:
+    """The lock goes with the command however it ends: another process may take the directory at once."""
+    out = tmp_path / "run"
+    args = ["train", "sft", "--model", str(llava_dir), "--data", str(world_dir / "sft.jsonl"), "--out", str(out),
+            "--steps", "1", "--batch-size", "2", "max_length=20", "progress=false"]  # fmt: skip
+    assert main(args) == 2  # over max_length: refused after the directory was claimed
+    taken = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from mmalign.runtime.locks import "
+         "lock_run_dir; lock_run_dir(Path(sys.argv[1]))", str(out)], capture_output=True, text=True,
+    )  # fmt: skip
+    assert taken.returncode == 0, taken.stderr

@@ -21,6 +21,7 @@ from mmalign.data.media import ALLOW_OUTSIDE_ENV
 from mmalign.errors import ConfigError, DataError, MediaError, ModelError, TrainingError
 from mmalign.lab import cli as lab_cli
 from mmalign.runtime.launch import LaunchError
+from mmalign.runtime.locks import release_all
 
 log = logging.getLogger("mmalign")
 
@@ -178,11 +179,11 @@ def cmd_eval_pope(args: argparse.Namespace) -> int:
     if args.engine != "hf" and args.method == "logits":
         raise ConfigError("--method logits reads the Hugging Face model's logits: use --method generate with vLLM")
     sets = load_pope_sets(args.data, args.split, args.image_root)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model) if args.engine == "hf" else None  # vLLM loads its own copy
     out = Path(args.out)
     results = evaluate_pope(
-        loaded.model,
-        loaded.processor,
+        loaded.model if loaded else None,
+        loaded.processor if loaded else None,
         sets,
         method=args.method,
         suffix=args.suffix,
@@ -213,11 +214,11 @@ def cmd_eval_chair(args: argparse.Namespace) -> int:
     from mmalign.models.load import load_model
 
     check_engine(args.engine)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model) if args.engine == "hf" else None  # vLLM loads its own copy
     out = Path(args.out)
     result = evaluate_chair(
-        loaded.model,
-        loaded.processor,
+        loaded.model if loaded else None,
+        loaded.processor if loaded else None,
         args.data,
         vocab=args.vocab,
         annotations=args.annotations,
@@ -372,6 +373,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    before = os.environ.get(ALLOW_OUTSIDE_ENV)
     if getattr(args, "allow_outside_root", False):
         os.environ[ALLOW_OUTSIDE_ENV] = "1"  # an environment variable: launched worker processes inherit it
     try:
@@ -383,6 +385,14 @@ def main(argv: Iterable[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        # A command ends here however it ends: its run directories are free again, and the setting goes back
+        # (``main`` may run several commands in one process: the demo, a notebook, the tests).
+        release_all()
+        if before is None:
+            os.environ.pop(ALLOW_OUTSIDE_ENV, None)
+        else:
+            os.environ[ALLOW_OUTSIDE_ENV] = before
 
 
 if __name__ == "__main__":

@@ -68,9 +68,16 @@ def open_image(source: Path | str | bytes) -> Image.Image:
             raise MediaError(f"cannot read image file {source}: {getattr(err, 'strerror', None) or err}") from None
         if not S_ISREG(mode):
             raise MediaError(f"not a regular file: {source}")
-    with warnings.catch_warnings():  # the size is checked below, against our own limit
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    # The size is checked below against our own limit, which users may raise above Pillow's: its guard is off
+    # while the header is read.
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = None
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
     width, height = img.size
     limit = max_image_pixels()
     if width * height > limit:

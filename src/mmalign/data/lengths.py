@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar
 
 from jinja2 import TemplateError
 
-from mmalign.data.collate import processor_inputs, render
+from mmalign.data.collate import render
 from mmalign.errors import DataError, MediaError
 from mmalign.limits import open_image
 from mmalign.types import ImageRef, Message, Part, PreferencePair, Sample
@@ -40,9 +40,10 @@ T = TypeVar("T", Sample, PreferencePair)
 class TokenCounter:
     """Counts the model tokens of a conversation with its images, as ``mmalign.data.collate`` would encode it."""
 
-    def __init__(self, processor: Any, *, generation_prompt: bool = False) -> None:
+    def __init__(self, processor: Any, *, generation_prompt: bool = False, critique_request: str | None = None) -> None:
         self.processor = processor
         self.generation_prompt = generation_prompt
+        self.critique_request = critique_request
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self._probe = render(processor, [Message.user("x", images=1)])
         self._probe_text = self.text_tokens([self._probe])[0]
@@ -68,8 +69,9 @@ class TokenCounter:
         if size not in self._by_size:
             from PIL import Image
 
-            blank = [[Image.new("RGB", size)]]
-            enc = processor_inputs(self.processor, [self._probe], blank, padding_side="right")
+            # The processor itself, not a fast encoder (whose one-time check against the processor must see a real
+            # batch), on one row (no padding, so the tokenizer's padding side is left alone).
+            enc = self.processor(text=[self._probe], images=[[Image.new("RGB", size)]], return_tensors="pt")
             self._by_size[size] = int(enc["attention_mask"].sum()) - self._probe_text
         return self._by_size[size]
 
@@ -80,11 +82,18 @@ class TokenCounter:
         return [n + e for n, e in zip(self.text_tokens(texts), extra, strict=True)]
 
 
-def _conversations(item: Sample | PreferencePair) -> list[tuple[Message, ...]]:
-    """The sequences an example is encoded as: a sample's conversation, or a pair's prompt + each reply."""
+def _conversations(item: Sample | PreferencePair, critique_request: str | None = None) -> list[tuple[Message, ...]]:
+    """The sequences an example is encoded as: a sample's conversation, or a pair's prompt + each reply (and, for a
+    critique reward model, the critique request and the reply's critique after it)."""
     if isinstance(item, Sample):
         return [item.messages]
-    return [(*item.prompt, Message.assistant(item.chosen)), (*item.prompt, Message.assistant(item.rejected))]
+    sides = ((item.chosen, item.chosen_critique), (item.rejected, item.rejected_critique))
+    if critique_request is None:
+        return [(*item.prompt, Message.assistant(reply)) for reply, _ in sides]
+    return [
+        (*item.prompt, Message.assistant(reply), Message.user(critique_request), Message.assistant(critique or ""))
+        for reply, critique in sides
+    ]
 
 
 def _images(item: Sample | PreferencePair) -> tuple[ImageRef, ...]:
@@ -148,6 +157,7 @@ def fit_lengths(
     *,
     field: str = "messages",
     reserve: int = 0,
+    critique_request: str | None = None,
 ) -> Fitted:
     """Check every example's token count against ``max_length`` and apply ``policy`` to those over it.
 
@@ -161,6 +171,7 @@ def fit_lengths(
         field: the field an error names.
         reserve: tokens kept free after each example (prompts that replies are sampled for: ``max_new_tokens``);
             the examples are then rendered with the generation prompt.
+        critique_request: pairs are encoded with their critiques after this request (critique reward models).
 
     Raises:
         DataError: an example over the limit (``error``), one that cannot be cut short enough
@@ -168,7 +179,7 @@ def fit_lengths(
     """
     if policy not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {policy!r}")
-    counter = TokenCounter(processor, generation_prompt=reserve > 0)
+    counter = TokenCounter(processor, generation_prompt=reserve > 0, critique_request=critique_request)
     rows = list(rows) if rows else list(range(1, len(items) + 1))
     if reserve >= max_length:
         raise DataError(
@@ -209,7 +220,7 @@ def _lengths(counter: TokenCounter, items: Sequence[Any], rows: Sequence[int], p
     """The longest encoded sequence of each item."""
     convs, images, owner = [], [], []
     for k, item in enumerate(items):
-        for conv in _conversations(item):
+        for conv in _conversations(item, counter.critique_request):
             convs.append(conv)
             images.append(_images(item))
             owner.append(k)
@@ -269,12 +280,3 @@ def _over(
 
 def _plus(reserve: int) -> str:
     return f" + max_new_tokens={reserve}" if reserve else ""
-
-
-def check_lengths(processor: Any, data: Any, cfg: Any, items_attr: str, *, field: str = "messages") -> None:
-    """Apply ``fit_lengths`` to a loaded data set in place (``data.samples`` or ``data.pairs``, with ``data.rows``)
-    under the run's ``max_length`` and ``truncation``."""
-    items = getattr(data, items_attr)
-    fitted = fit_lengths(processor, items, data.rows, data.path, cfg.max_length, cfg.truncation, field=field)
-    setattr(data, items_attr, fitted.items)
-    data.rows = fitted.rows

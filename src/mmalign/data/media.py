@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import functools
 import hashlib
 import io
 import os
@@ -104,25 +103,14 @@ def _is_within(path: str | Path, root: str | Path) -> bool:
     return p == r or p.startswith(r if r.endswith(os.sep) else r + os.sep)
 
 
-@functools.lru_cache(maxsize=1 << 14)
-def _real_dir(directory: str) -> str:
-    """``os.path.realpath`` of a directory, remembered: the files of one data set share a few directories."""
-    return os.path.realpath(directory)
-
-
-def _real(full: str) -> str:
-    """The symlink-free path of ``full``: its directory's real path, plus the file's own link resolved if it is one."""
-    real = os.path.join(_real_dir(os.path.dirname(full)), os.path.basename(full))
-    return os.path.realpath(real) if os.path.islink(real) else real
-
-
 def resolve_in_root(path: str, root: Path, *, allow_outside: bool | None = None) -> Path:
     """Resolve a media path against the data set root, refusing paths that leave it: the one path rule of every
     loader and evaluator that reads media.
 
-    The path, with ``..`` collapsed and every symlink followed (the root's own included), must lie inside the
-    root's real path; an absolute path is accepted when it does. ``allow_outside`` (default: the
-    ``--allow-outside-root`` setting, ``outside_allowed()``) accepts any path.
+    The path is resolved as the operating system opens it (every symlink followed, the root's own included, and
+    ``..`` applied after the link it follows) and must lie inside the root's real path; an absolute path is accepted
+    when it does. ``allow_outside`` (default: the ``--allow-outside-root`` setting, ``outside_allowed()``) accepts
+    any path.
 
     Args:
         path: the path as written in the row (relative to ``root``, or absolute).
@@ -130,19 +118,20 @@ def resolve_in_root(path: str, root: Path, *, allow_outside: bool | None = None)
         allow_outside: accept paths outside the root (None: the process-wide setting).
 
     Returns:
-        The absolute, normalised path (symlinks kept as written).
+        The absolute path that is opened (``root`` joined with ``path``; symlinks and ``..`` kept as written, so that
+        it names the very file the check resolved).
 
     Raises:
         MediaError: the path points outside ``root``.
     """
     if "\0" in path:
         raise MediaError(f"path holds a NUL character: {path!r}")
-    full = os.path.normpath(os.path.join(root, path))
+    full = os.path.join(root, path)
     if allow_outside is None:
         allow_outside = outside_allowed()
-    if allow_outside or _is_within(_real(full), _real_dir(str(root))):
+    if allow_outside or _is_within(os.path.realpath(full), os.path.realpath(root)):
         return Path(full)
-    how = "after symlinks " if _is_within(full, root) else ""
+    how = "after symlinks " if _is_within(os.path.normpath(full), root) else ""
     raise MediaError(f"path escapes the data set root {root} {how}(use --allow-outside-root to allow it): {path}")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from mmalign.data.media import MediaChecker
 from mmalign.errors import DataError, MediaError
-from mmalign.eval.coco_vocab import ChairVocab, extract_mentions
+from mmalign.eval.coco_vocab import ChairVocab
 from mmalign.limits import text_problem
 from mmalign.types import PopeQuestion
 
@@ -289,32 +289,3 @@ def _coco_instances(path: str | Path, doc: dict[str, Any], vocab: ChairVocab) ->
                 raise DataError(path, None, "category_id", f"unknown category id {category_id}")
             objects.setdefault(_image_id(path, None, ann), set()).add(names[category_id])
     return objects
-
-
-def read_coco_caption_objects(path: str | Path, vocab: ChairVocab) -> dict[str, set[str]]:
-    """Categories mentioned in each image's reference captions (COCO ``captions_*.json``).
-
-    As in the original CHAIR, these join the instance annotations as ground truth. JSONL rows
-    ``{"image_id", "caption"}`` are accepted too, several per image.
-
-    Raises:
-        DataError: a malformed file or annotation.
-    """
-    text = read_text(path)
-    doc = _parse_whole(text)
-    objects: dict[str, set[str]] = {}
-    if isinstance(doc, dict) and "annotations" in doc:
-        for i, ann in enumerate(_coco_list(path, doc, "annotations")):
-            with _coco_item(path, "annotations", i):
-                _add_caption_objects(objects, path, None, ann, vocab)
-    else:
-        for row, rec in _rows(path, text, doc):
-            _add_caption_objects(objects, path, row, rec, vocab)
-    return objects
-
-
-def _add_caption_objects(
-    objects: dict[str, set[str]], path: str | Path, row: int | None, rec: dict[str, Any], vocab: ChairVocab
-) -> None:
-    caption = str_field(path, row, rec, "caption")
-    objects.setdefault(_image_id(path, row, rec), set()).update(extract_mentions(caption, vocab))

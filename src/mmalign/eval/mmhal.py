@@ -162,6 +162,10 @@ def check_judge_prompt(template: str, source: str | Path = "<judge prompt>") -> 
     if unknown:
         known = ", ".join("{" + f + "}" for f in PROMPT_FIELDS)
         raise DataError(source, None, None, f"unknown placeholders {sorted(unknown)} (use {known}, or four {{}})")
+    try:  # filled once as judge_requests fills it: extra, mixed or malformed fields fail here, not after generation
+        template.format(*PROMPT_FIELDS, **{f: f for f in PROMPT_FIELDS})
+    except (IndexError, KeyError, ValueError) as err:
+        raise DataError(source, None, None, f"bad template ({err}; use named fields, or four {{}})") from None
     return template
 
 

@@ -84,11 +84,12 @@ def _check_unique_ids(loaded: LoadResult) -> None:
         first[sample.id] = row
 
 
-def _read_done(out: Path) -> dict[str, str]:
+def _read_done(out: Path, iterations: int) -> dict[str, str]:
     """source sample id → its JSON line, for every complete line of an earlier run (a torn last line is dropped).
 
     Raises:
-        DataError: a complete line that is not a BDHS row (naming the file, line and field).
+        DataError: a complete line that is not a BDHS row, or one written with more guided iterations than
+            ``iterations`` (naming the file, line and field).
     """
     done: dict[str, str] = {}
     if not out.exists():
@@ -108,6 +109,11 @@ def _read_done(out: Path) -> dict[str, str]:
         for key, kind in _WRITTEN.items():
             if not isinstance(meta.get(key), kind):
                 raise DataError(out, number, f"meta.{key}", f"missing or not {kind.__name__}; the row {_NOT_OURS}")
+        if not 1 <= meta["iteration"] <= iterations:
+            raise DataError(
+                out, number, "meta.iteration", f"{meta['iteration']} is not in 1..{iterations}: the file was written "
+                "with other settings (continue it with the same iterations, or choose another --out)",
+            )  # fmt: skip
         done[meta["source"]] = line
     return done
 
@@ -168,7 +174,7 @@ def run_bdhs(
         log.info("%d samples have no final assistant answer and are left out", len(loaded.samples) - len(samples))
     # The output is claimed and checked before the embedder and the generator are built: a wrong --out fails at once.
     lock_output(out)
-    done = _read_done(out)
+    done = _read_done(out, cfg.iterations)
     embedder = embedder or SentenceEmbedder()
     generator = make_generator(
         engine, model=model, processor=processor, model_dir=model_dir, batch_size=max(batch_size, 1) * 4

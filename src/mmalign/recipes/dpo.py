@@ -23,7 +23,7 @@ from pydantic import Field
 
 from mmalign.config import FreezeConfig, PreferenceConfig
 from mmalign.data.corruption import random_crop
-from mmalign.data.lengths import check_lengths
+from mmalign.data.lengths import fit_lengths
 from mmalign.data.pair_inputs import EncodedPairs, encode_pairs
 from mmalign.data.preference import load_pairs
 from mmalign.errors import ConfigError
@@ -167,12 +167,15 @@ def _prepare(cfg: DpoConfig, accelerator: Any) -> tuple[Any, list[PreferencePair
     """The run's data (as loaded, and the pairs it trains on), forward options, model and batch order."""
     data = load_pairs(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
     loaded = load_model(cfg.model)
-    check_lengths(loaded.processor, data, cfg, "pairs", field="chosen")
     pairs = _with_reward_margins(data.pairs, cfg) if cfg.reward_model else data.pairs
     if cfg.loss == "mm_dpo" and any(p.margin is None for p in pairs):
         missing = next(p.id for p in pairs if p.margin is None)
         raise ConfigError(f"loss=mm_dpo needs margins: pair {missing!r} of {cfg.data} has none (or set reward_model)")
     pairs = [_without_images(p) for p in pairs] if cfg.drop_images else pairs
+    # The sequences as they will be encoded (without their images under drop_images), against max_length.
+    pairs = fit_lengths(
+        loaded.processor, pairs, data.rows, data.path, cfg.max_length, cfg.truncation, field="chosen"
+    ).items
     options = ForwardOptions(share_prompt=cfg.share_prompt, response_logits_only=cfg.response_logits_only)
     batches = Batches.for_run(pairs, cfg, accelerator.process_index, accelerator.num_processes)
     return data, pairs, options, loaded, batches

@@ -29,6 +29,7 @@ import copy
 import logging
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ import torch
 from pydantic import Field, model_validator
 
 from mmalign.config import FreezeConfig, PreferenceConfig
+from mmalign.data.lengths import fit_lengths
 from mmalign.data.loaders import load_samples
 from mmalign.data.pair_inputs import encode_pairs
 from mmalign.data.preference import load_pairs
@@ -53,7 +55,14 @@ from mmalign.runtime.launch import Recipe
 from mmalign.runtime.launch import main as launch_main
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
-from mmalign.runtime.run import finish_run, make_accelerator, open_run_dir, resume_and_log, trainable_model
+from mmalign.runtime.run import (
+    finish_run,
+    make_accelerator,
+    open_run_dir,
+    resume_and_log,
+    sharded,
+    trainable_model,
+)
 from mmalign.runtime.step import StepEnd
 from mmalign.types import PreferencePair, Sample
 
@@ -204,15 +213,27 @@ def step_pairs(
 
 def _check_whole_weights(accelerator: Any) -> None:
     """Refuse engines that shard the policy's weights (the policy samples between steps; see the module docstring)."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    zero3 = kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-    if kind == DistributedType.FSDP or zero3:
+    if sharded(accelerator):
+        name = "FSDP" if "FSDP" in str(accelerator.distributed_type) else "ZeRO-3"
         raise ConfigError(
             "online-dpo samples from the policy between steps, which needs its whole weights in every process; "
-            f"{'ZeRO-3' if zero3 else 'FSDP'} shards them: launch with configs/accelerate/ddp.yaml or zero2.yaml"
+            f"{name} shards them: launch with configs/accelerate/ddp.yaml or zero2.yaml"
         )
+
+
+def _fit_prompts(processor: Any, data: Any, cfg: OnlineDpoConfig) -> list[Sample]:
+    """The prompts whose sampled replies fit in ``max_length`` (their prompt with ``max_new_tokens`` to spare),
+    under the run's truncation policy; a truncated prompt keeps its ground-truth answer."""
+    prompts = [replace(s, messages=s.prompt_messages) for s in data.samples]
+    fitted = fit_lengths(
+        processor, prompts, data.rows, data.path, cfg.max_length, cfg.truncation, reserve=cfg.max_new_tokens
+    )
+    by_row = dict(zip(data.rows, data.samples, strict=True))
+    out = []
+    for short, row in zip(fitted.items, fitted.rows, strict=True):
+        full = by_row[row]
+        out.append(replace(full, messages=(*short.messages, *full.messages[len(full.prompt_messages) :])))
+    return out
 
 
 def policy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -250,6 +271,7 @@ def train(cfg: OnlineDpoConfig) -> Path:
     if judge is not None:
         check_prompts(judge, prompts)
     loaded = load_model(cfg.model)
+    prompts = _fit_prompts(loaded.processor, data, cfg)
     options = ForwardOptions()
     reference = PairScorer(copy.deepcopy(loaded.model).eval().requires_grad_(False), options).to(accelerator.device)
     policy = PairScorer(trainable_model(loaded, cfg), options)

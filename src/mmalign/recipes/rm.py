@@ -24,6 +24,7 @@ from mmalign.errors import ConfigError
 from mmalign.forward import inner_model
 from mmalign.models.load import count_parameters, load_model
 from mmalign.reward import (
+    CRITIQUE_REQUEST,
     RewardScorer,
     attach_head,
     critiques_missing,
@@ -75,7 +76,11 @@ def train(cfg: RewardConfig) -> Path:
         missing = next(p.id for p in pairs if p.margin is None)
         raise ConfigError(f"use_margin=true but pair {missing!r} of {cfg.data} has no margin")
     loaded = load_model(cfg.model)
-    pairs = fit_lengths(loaded.processor, pairs, data.rows, data.path, cfg.max_length, cfg.truncation).items
+    request = CRITIQUE_REQUEST if cfg.critique else None
+    fitted = fit_lengths(
+        loaded.processor, pairs, data.rows, data.path, cfg.max_length, cfg.truncation, critique_request=request
+    )
+    pairs = fitted.items
     attach_head(loaded.model, cfg.seed)
     model = trainable_model(loaded, cfg)
     lm_head = inner_model(model).get_output_embeddings()

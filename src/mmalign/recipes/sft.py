@@ -17,7 +17,7 @@ from pydantic import Field
 
 from mmalign.config import FreezeConfig, TrainConfig
 from mmalign.data.collate import IGNORE_INDEX, encode_sft
-from mmalign.data.lengths import check_lengths
+from mmalign.data.lengths import fit_lengths
 from mmalign.data.loaders import load_samples
 from mmalign.data.packing import pack_batch, per_sample_sums
 from mmalign.data.pixel_cache import with_pixel_cache
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig) -> Path:
     # Data first: a bad file fails in a second, before any model is loaded.
     data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples, needs_reply=True)
     loaded = load_model(cfg.model)
-    check_lengths(loaded.processor, data, cfg, "samples")
+    fitted = fit_lengths(loaded.processor, data.samples, data.rows, data.path, cfg.max_length, cfg.truncation)
     if cfg.pack and (loaded.family is None or not loaded.family.packable):
         name = loaded.family.name if loaded.family else loaded.model.config.model_type
         raise ConfigError(
@@ -108,7 +108,7 @@ def train(cfg: TrainConfig) -> Path:
     if accelerator.is_main_process:
         log.info("%s", data.summary())
         log.info("trainable parameters: %d / %d", trainable, total)
-    samples = data.samples
+    samples = fitted.items
     batches = Batches.for_run(samples, cfg, accelerator.process_index, accelerator.num_processes)
 
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)

@@ -40,7 +40,9 @@ def lock_output(path: Path) -> None:
 def _claim(what: Path, lock_file: Path, flag: str) -> None:
     key = os.path.abspath(what)
     if key in _HELD:
-        return
+        if os.path.exists(lock_file):
+            return
+        os.close(_HELD.pop(key))  # the directory was deleted meanwhile: claim the new one
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -72,3 +74,9 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def release_all() -> None:
+    """Release every lock this process holds (the command line, when a command ends however it ends)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])

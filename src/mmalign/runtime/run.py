@@ -84,15 +84,18 @@ def start_run(cfg: TrainConfig) -> tuple[Any, Path]:
     return accelerator, open_run_dir(cfg, accelerator)
 
 
-# Settings that change nothing a run computes: they may differ between a run and its resumption.
-NOT_IDENTITY = frozenset({"out", "resume", "save_every", "keep_checkpoints", "log_every", "progress"})
+# Settings that change nothing a run computes (where it writes, how often it reports, caches and memory shares):
+# they may differ between a run and its resumption.
+NOT_IDENTITY = frozenset({"out", "resume", "save_every", "keep_checkpoints", "log_every", "progress", "pixel_cache_mb",
+                          "ref_cache_dir", "vllm_gpu_memory"})  # fmt: skip
+PATH_SETTINGS = ("model", "data", "offline_data", "world", "reward_model")
 
 
 def run_identity(cfg: TrainConfig) -> dict[str, Any]:
     """What makes a run itself: the recipe and every setting that changes what it computes (model, data, seed,
     hyper-parameters), with the model and data as absolute paths; stored in the run directory and its checkpoints."""
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
-    for key in ("model", "data"):
+    for key in PATH_SETTINGS:
         if isinstance(settings.get(key), str) and settings[key]:
             settings[key] = os.path.abspath(settings[key])
     return {"recipe": type(cfg).__name__, "settings": settings}
@@ -133,6 +136,7 @@ def open_run_dir(cfg: TrainConfig, accelerator: Any) -> Path:
             what = "a checkpoint of an older version" if written is None else "another run's checkpoint"
             how = f" (it differs in: {_differences(written, identity)})" if written is not None else ""
             advice = "resume it with the same settings" if cfg.resume else "use --resume with its settings"
+            release_run_dir(out)
             raise ConfigError(f"{out} holds {what}, {found.name}{how}; {advice}, or choose another --out")
         if found is not None and not cfg.resume:
             log.info("%s: starting again from step 0; clearing the checkpoints of the earlier run", out)

@@ -47,7 +47,7 @@ TIME_LIMIT_S = 20
 IMAGE_PATHS = [
     "img/a.png", "../outside.png", "img/../../outside.png", "/etc/passwd", "img/link_out.png", "img/fifo.png",
     "img", "img/empty.png", "img/text.png", "img/big.png", "img/nope.png", "img/a\u0000.png", "", " ", "img/ä ü.png",
-    "img/" + "x" * 300 + ".png", "C:\\\\img\\\\a.png", "img/a.png/", "~/a.png", "file:///etc/passwd",
+    "img/" + "x" * 300 + ".png", "img/\ud800.png", "C:\\\\img\\\\a.png", "img/a.png/", "~/a.png", "file:///etc/passwd",
 ]  # fmt: skip
 WEIRD = [
     None, 0, -1, 1.5, math.inf, -math.inf, math.nan, True, False, "", " ", "\n", "x" * 200_001, "\u0000", "\ud800",

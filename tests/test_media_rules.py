@@ -65,6 +65,8 @@ def test_paths_resolve_inside_the_root_after_symlinks(tree: Path, monkeypatch: p
         resolve_in_root("img/link.png", tree)
     with pytest.raises(MediaError, match="NUL"):
         resolve_in_root("img/a\0.png", tree)
+    with pytest.raises(MediaError, match="cannot name a file"):  # a lone surrogate (from JSON "\ud800")
+        resolve_in_root("img/\ud800.png", tree)
     # Opting in: an argument, or the process-wide setting that --allow-outside-root makes.
     assert resolve_in_root("img/link.png", tree, allow_outside=True) == tree / "img" / "link.png"
     monkeypatch.setenv(media.ALLOW_OUTSIDE_ENV, "1")

@@ -129,7 +129,11 @@ def resolve_in_root(path: str, root: Path, *, allow_outside: bool | None = None)
     full = os.path.join(root, path)
     if allow_outside is None:
         allow_outside = outside_allowed()
-    if allow_outside or _is_within(os.path.realpath(full), os.path.realpath(root)):
+    try:
+        inside = allow_outside or _is_within(os.path.realpath(full), os.path.realpath(root))
+    except ValueError as err:  # e.g. a lone surrogate, which no file name can hold
+        raise MediaError(f"path cannot name a file ({err}): {path!r}") from None
+    if inside:
         return Path(full)
     how = "after symlinks " if _is_within(os.path.normpath(full), root) else ""
     raise MediaError(f"path escapes the data set root {root} {how}(use --allow-outside-root to allow it): {path}")

@@ -221,6 +221,11 @@ def test_an_out_file_of_another_kind_is_refused_and_left_alone(world_dir: Path, 
     out.write_text(json.dumps(good) + "\nnot json\n")
     with pytest.raises(DataError, match=r"sft.jsonl row 2: not JSON"):
         run(out)
+    # Pairs of samples this run does not make (other data, a smaller --max-samples): continuing would drop them.
+    out.write_text(json.dumps(good) + "\n")
+    with pytest.raises(DataError, match=r"field 'meta.source': holds pairs of 1 samples this run does not make"):
+        run(out)
+    assert out.read_text() == json.dumps(good) + "\n"
     # A file written with more guided iterations than this run makes.
     other = {"id": "b/bdhs", "meta": {"source": "b", "iteration": 3, "accepted": True}}
     out.write_text(json.dumps(good) + "\n" + json.dumps(other) + "\n")

@@ -3,9 +3,10 @@
 ``ChairVocab`` maps surface forms (single words and phrases such as "traffic light") to canonical categories;
 ``ChairVocab.coco()`` is the 80 COCO categories with our own synonym lists (``COCO_SYNONYMS``), and
 ``ChairVocab.from_file`` reads a ``{"synonyms": {canonical: [forms...]}}`` file such as the synthetic world's
-``chair_vocab.json``. ``extract_mentions`` follows CHAIR (Rohrbach et al., EMNLP 2018; spec §9.2): lowercase,
-tokenise, singularise every word, merge phrases (longest first), drop the few modifiers that would otherwise
-count as objects ("baby elephant", "passenger train"), and keep the words the vocabulary knows.
+``chair_vocab.json``. ``extract_mentions`` is a fast matcher in CHAIR's spirit (lowercase, tokenise, singularise,
+merge phrases longest first, drop modifiers such as "baby elephant"), used by the rule judges and the world's pair
+builder; scoring uses ``mmalign.eval.chair_score.chair_words``, which follows the official script's tokenizer and
+phrase list (Rohrbach et al., EMNLP 2018; spec §9.2).
 """
 
 from __future__ import annotations

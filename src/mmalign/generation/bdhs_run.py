@@ -175,6 +175,16 @@ def run_bdhs(
     # The output is claimed and checked before the embedder and the generator are built: a wrong --out fails at once.
     lock_output(out)
     done = _read_done(out, cfg.iterations)
+    ids = {s.id for s in samples}
+    foreign = [source for source in done if source not in ids]
+    if foreign:  # continuing would drop them: a file is only ever continued, never cut
+        raise DataError(
+            out,
+            None,
+            "meta.source",
+            f"holds pairs of {len(foreign)} samples this run does not make (e.g. {foreign[0]!r}: not in --data, or "
+            "past --max-samples); continue it with the same data, or choose another --out",
+        )
     embedder = embedder or SentenceEmbedder()
     generator = make_generator(
         engine, model=model, processor=processor, model_dir=model_dir, batch_size=max(batch_size, 1) * 4

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,6 @@ from safetensors.torch import load_file
 from mmalign.lab.world.pairs import write_world_pairs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(tmp_path: Path, args: list[str], processes: int) -> None:
     """``python -m mmalign.recipes.dpo key=value ...``: the recipe's own entry point, alone or under torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -29,8 +22,8 @@ def _train(tmp_path: Path, args: list[str], processes: int) -> None:
         cmd = [sys.executable, "-m", "mmalign.recipes.dpo", *args]
     else:
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-            f"--master_port={_free_port()}", "-m", "mmalign.recipes.dpo", *args,
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "mmalign.recipes.dpo", *args,
         ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -71,7 +71,12 @@ def _launch(config: str, processes: int, args: list[str], *, cpu: bool) -> subpr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    for _ in range(3):  # the free port may be taken between the probe and the launch: try another
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if done.returncode == 0 or "address already in use" not in done.stderr.lower():
+            return done
+        cmd[cmd.index("--main_process_port") + 1] = str(_free_port())
+    return done
 
 
 def _losses(run: Path) -> list[float]:

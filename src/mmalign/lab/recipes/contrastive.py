@@ -27,6 +27,7 @@ from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.checkpoint import save_model_atomic
 from mmalign.runtime.launch import Recipe
 from mmalign.runtime.launch import main as launch_main
+from mmalign.runtime.locks import lock_run_dir, release_run_dir
 from mmalign.runtime.metrics import MetricsLog
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
@@ -125,7 +126,7 @@ def train(cfg: ContrastiveConfig) -> Path:
     """Warm up the vision path of ``cfg.model`` on the captions in ``cfg.data``; saves ``<out>/model``."""
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out)  # one run per directory, as the library's recipes
     dump_config(cfg, out / "config.yaml")
     loaded = load_model(cfg.model)
     vlm = loaded.model
@@ -166,7 +167,9 @@ def train(cfg: ContrastiveConfig) -> Path:
     metrics.close()
     for p in vlm.parameters():
         p.requires_grad_(True)
-    return save_model_atomic(vlm, loaded.processor, out / "model")
+    final = save_model_atomic(vlm, loaded.processor, out / "model")
+    release_run_dir(out)
+    return final
 
 
 def _language_prefix(core: torch.nn.Module) -> str:

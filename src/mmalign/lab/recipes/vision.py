@@ -36,6 +36,7 @@ from mmalign.runtime.batching import batch_indices
 from mmalign.runtime.checkpoint import save_model_atomic
 from mmalign.runtime.launch import Recipe
 from mmalign.runtime.launch import main as launch_main
+from mmalign.runtime.locks import lock_run_dir, release_run_dir
 from mmalign.runtime.metrics import MetricsLog
 from mmalign.runtime.optim import lr_factor, make_optimizer, set_lr
 from mmalign.runtime.progress import progress_bar
@@ -122,7 +123,7 @@ def train(cfg: VisionConfig) -> Path:
     tower, select = _tower(loaded.model)
     side = int(tower.config.image_size) // int(tower.config.patch_size)
     cells = patch_to_cell(side, world.grid_rows, world.grid_cols)
-    out.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out)  # one run per directory, as the library's recipes
     dump_config(cfg, out / "config.yaml")
 
     images = _pixels(loaded.processor, world_dir, train_scenes)
@@ -161,7 +162,9 @@ def train(cfg: VisionConfig) -> Path:
     for p in loaded.model.parameters():
         p.requires_grad_(True)
     (out / "held_out.json").write_text(json.dumps(held_out, indent=2) + "\n")
-    return save_model_atomic(loaded.model, loaded.processor, out / "model")
+    final = save_model_atomic(loaded.model, loaded.processor, out / "model")
+    release_run_dir(out)
+    return final
 
 
 def _accuracy(

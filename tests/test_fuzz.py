@@ -1,7 +1,8 @@
 """Fuzzing every reader: malformed records give a clean one-line error or a documented acceptance.
 
 Each case starts from a valid record of one reader (SFT rows, each preference schema, POPE questions, CHAIR captions
-and annotations, YAML configs, ``key=value`` overrides, world options), applies a few random mutations (fields
+and annotations, the benchmark files (AMBER responses, MMHal templates, Object HalBench questions and answers), YAML
+configs, ``key=value`` overrides, world options), applies a few random mutations (fields
 deleted, retyped, emptied, made huge or non-finite; media paths that escape the root, through a symlink, name a
 FIFO, a directory, an empty or non-image file or a too large image; torn, binary or non-UTF-8 lines) and reads the
 file. The outcome must be the data read (an acceptance), or one of the toolkit's errors with a one-line message:
@@ -12,7 +13,9 @@ them); ``-m slow`` runs ``MMALIGN_FUZZ_CASES`` (default 2000) more per reader.
 
 from __future__ import annotations
 
+import base64
 import copy
+import io
 import json
 import math
 import os
@@ -32,8 +35,11 @@ from mmalign.data import media
 from mmalign.data.loaders import load_samples
 from mmalign.data.preference import load_pairs
 from mmalign.errors import ConfigError, DataError, MediaError
+from mmalign.eval.amber import read_amber_responses
 from mmalign.eval.coco_vocab import ChairVocab
 from mmalign.eval.io import read_captions, read_object_annotations
+from mmalign.eval.mmhal import read_mmhal_template
+from mmalign.eval.objhal import read_objhal_answers, read_objhal_questions
 from mmalign.eval.pope import load_pope_sets
 from mmalign.limits import MAX_PIXELS_ENV, MAX_TEXT_ENV
 from mmalign.recipes.dpo import DpoConfig
@@ -68,6 +74,15 @@ def _tree(root: Path) -> None:
     Image.new("L", (400, 300)).save(root / "img" / "big.png")  # over the case's pixel limit
 
 
+def _png64() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+_PNG64 = _png64()
+
+
 def _user(text: str = "What is this?") -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
 
@@ -93,6 +108,12 @@ VALID: dict[str, Callable[[], Any]] = {
                      "label": "yes", "category": "random"},
     "chair-captions": lambda: {"image_id": 1, "caption": "A dog sits next to a cat on a couch."},
     "chair-annotations": lambda: {"image_id": 1, "objects": ["dog", "cat", "couch"]},
+    "amber-responses": lambda: {"id": 1, "response": "A dog on a couch."},
+    "mmhal-template": lambda: {"question_type": "attribute", "question_topic": "animal", "image_id": "a1",
+                               "image_src": "https://example.org/a_o.jpg", "image_content": ["dog", "couch"],
+                               "question": "What colour is the dog?", "gt_answer": "Brown."},
+    "objhal-questions": lambda: {"image_id": 1, "question": "Describe the image in detail.", "image": _PNG64},
+    "objhal-answers": lambda: {"image_id": 1, "question": "Describe the image.", "text": "Assistant: A dog."},
 }  # fmt: skip
 
 
@@ -177,6 +198,14 @@ def _write_case(kind: str, root: Path, rng: random.Random) -> Path:
 
 
 def _read(kind: str, path: Path) -> Any:
+    if kind == "amber-responses":
+        return read_amber_responses(path, n_annotations=3)
+    if kind == "mmhal-template":
+        return read_mmhal_template(path)
+    if kind == "objhal-questions":
+        return read_objhal_questions(path, need_images=True)
+    if kind == "objhal-answers":
+        return read_objhal_answers(path)
     if kind in ("sft", "sharegpt"):
         return load_samples(path, needs_reply=True)
     if kind.startswith("pairs-"):

@@ -347,6 +347,13 @@ def test_mmhal_cli_generates_and_judges_with_tiny_models(llava_dir: Path, tmp_pa
     assert (result["n"], result["n_unparsed"], result["average_score"]) == (8, 8, 0.0)
     responses = json.loads(out.with_suffix(".responses.json").read_text())
     assert len(responses) == 8 and set(responses[0]) == set(mmhal_template()[0])
+    # --engine vllm: refused in one line where vLLM is not installed, before any answer is generated.
+    from mmalign.generation.vllm import vllm_available
+
+    if not vllm_available():
+        vllm = ["eval", "mmhal", "--data", str(template), "--model", str(llava_dir), "--judge", str(llava_dir),
+                "--engine", "vllm", "--out", str(tmp_path / "v.json")]  # fmt: skip
+        assert main(vllm) == 2 and not (tmp_path / "v.responses.json").exists()
 
 
 # --- LLaVA-Bench ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="answer length cap (with --model)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (with --model)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions (with --model)")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="what generates the answers (with --model)")
     p.add_argument("--out", required=True, help="result JSON (generated answers are written beside it)")
 
 
@@ -160,19 +161,24 @@ def _generate(
     from mmalign.eval.generate import generate_answers
 
     return generate_answers(
-        loaded.model,
-        loaded.processor,
+        loaded.model if loaded else None,
+        loaded.processor if loaded else None,
         samples,
         max_new_tokens=tokens or args.max_new_tokens,
         batch_size=args.batch_size,
         desc=desc,
+        engine=args.engine,
+        model_dir=args.model,
     )
 
 
 def _load_model(args: argparse.Namespace) -> Any:
+    """The answering model (None with ``--engine vllm``, which loads its own copy; checked before anything runs)."""
+    from mmalign.generation.engines import check_engine
     from mmalign.models.load import load_model
 
-    return load_model(args.model)
+    check_engine(args.engine)
+    return load_model(args.model) if args.engine == "hf" else None
 
 
 def _early_judge(args: argparse.Namespace, benchmark: str) -> Any:

@@ -76,15 +76,21 @@ def test_pruning_is_by_step_of_the_current_run(llava_dir: Path, world_dir: Path,
     assert not list(ckpts.glob(".step-*")) and sorted(checkpoint_steps(ckpts)) == [5, 6]
 
 
-def test_one_run_per_directory(llava_dir: Path, world_dir: Path, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "run"
+def _holding(lock: str, path: Path) -> subprocess.Popen:
+    """Another process that takes ``mmalign.runtime.locks.<lock>(path)`` and holds it (returns once it has)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mmalign.runtime.locks import "
-         "lock_run_dir; lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(out)],
+        [sys.executable, "-c", f"import sys, time; from pathlib import Path; from mmalign.runtime.locks import {lock}; "
+         f"{lock}(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(path)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_one_run_per_directory(llava_dir: Path, world_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    holder = _holding("lock_run_dir", out)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         args = ["train", "sft", "--model", str(llava_dir), "--data", str(world_dir / "sft.jsonl"), "--out", str(out),
                 "--steps", "1", "--batch-size", "2", "progress=false"]  # fmt: skip
         assert main(args) == 2
@@ -151,13 +157,8 @@ def test_one_writer_per_output_file(tmp_path: Path) -> None:
     from mmalign.runtime.locks import lock_output, release_run_dir
 
     out = tmp_path / "pairs.jsonl"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mmalign.runtime.locks import "
-         "lock_output; lock_output(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(out)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = _holding("lock_output", out)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(ConfigError, match=f"pairs.jsonl is in use by another run \\(process {holder.pid}\\)"):
             lock_output(out)
     finally:

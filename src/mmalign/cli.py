@@ -8,7 +8,6 @@ input (data, config, model directory) end with a one-line message and exit statu
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -163,11 +162,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _write_json(path: str | Path, obj: Any) -> None:
-    from mmalign.runtime.checkpoint import atomic_write_text
+    from mmalign.runtime.checkpoint import atomic_write_json  # torch comes with it: imported when a result is written
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, json.dumps(obj, indent=2) + "\n")
+    atomic_write_json(path, obj)
 
 
 def cmd_eval_pope(args: argparse.Namespace) -> int:

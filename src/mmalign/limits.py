@@ -6,6 +6,7 @@ The lowest layer: ``mmalign.types`` decodes images through ``open_image``.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -23,8 +24,14 @@ DEFAULT_MAX_TEXT = 100_000  # characters of one text field
 
 
 def _env_int(name: str, default: int) -> int:
-    """A positive integer from the environment, or ``default`` when unset (a bad value is a one-line error)."""
-    raw = os.environ.get(name, "").strip()
+    """A positive integer from the environment, or ``default`` when unset (a bad value is a one-line error). Read at
+    every call (a loader asks once per text field), parsed once per value."""
+    return _positive(name, os.environ.get(name, ""), default)
+
+
+@functools.lru_cache(maxsize=32)
+def _positive(name: str, raw: str, default: int) -> int:
+    raw = raw.strip()
     if not raw:
         return default
     try:

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from jinja2 import TemplateError
 
@@ -33,7 +33,7 @@ from mmalign.types import ImageRef, Message, Part, PreferencePair, Sample
 log = logging.getLogger(__name__)
 
 Truncation = Literal["error", "truncate_prompt", "skip"]
-TRUNCATIONS: tuple[str, ...] = ("error", "truncate_prompt", "skip")
+TRUNCATIONS: tuple[str, ...] = get_args(Truncation)
 T = TypeVar("T", Sample, PreferencePair)
 
 
@@ -56,16 +56,13 @@ class TokenCounter:
 
     def image_extra(self, ref: ImageRef, root: str | None) -> int:
         """The tokens an image adds beyond its placeholder in the rendered text (by image size, measured once)."""
-        key = (ref.path, root) if ref.data is None else (None, None)
-        size = self._sizes.get(key) if ref.data is None else None
-        if size is None:
-            try:
-                with open_image(ref.data if ref.data is not None else ref.file(root)) as img:
-                    size = img.size
-            except (OSError, ValueError) as err:
-                raise MediaError(f"unreadable image: {err}") from None
-            if ref.data is None:
-                self._sizes[key] = size
+        if ref.data is not None:
+            size = _size(ref.data)
+        else:
+            key = (ref.path, root)
+            if key not in self._sizes:
+                self._sizes[key] = _size(ref.file(root))
+            size = self._sizes[key]
         if size not in self._by_size:
             from PIL import Image
 
@@ -75,11 +72,28 @@ class TokenCounter:
             self._by_size[size] = int(enc["attention_mask"].sum()) - self._probe_text
         return self._by_size[size]
 
+    def conversation_tokens(self, conversations: Sequence[Sequence[Message]]) -> list[int]:
+        """Text tokens of each conversation as the chat template renders it (image placeholders unexpanded)."""
+        texts = [render(self.processor, conv, generation_prompt=self.generation_prompt) for conv in conversations]
+        return self.text_tokens(texts)
+
+    def image_tokens(self, refs: Sequence[ImageRef], root: str | None) -> int:
+        """The tokens a conversation's images add to its text."""
+        return sum(self.image_extra(ref, root) for ref in refs)
+
     def lengths(self, conversations: Sequence[Sequence[Message]], images: Sequence[Sequence[ImageRef]], root: Any):
         """Token count of each conversation (with its images)."""
-        texts = [render(self.processor, conv, generation_prompt=self.generation_prompt) for conv in conversations]
-        extra = [sum(self.image_extra(ref, root) for ref in refs) for refs in images]
-        return [n + e for n, e in zip(self.text_tokens(texts), extra, strict=True)]
+        text = self.conversation_tokens(conversations)
+        return [n + self.image_tokens(refs, root) for n, refs in zip(text, images, strict=True)]
+
+
+def _size(source: Any) -> tuple[int, int]:
+    """An image's size, read from its header."""
+    try:
+        with open_image(source) as img:
+            return img.size
+    except (OSError, ValueError) as err:
+        raise MediaError(f"unreadable image: {err}") from None
 
 
 def _conversations(item: Sample | PreferencePair, critique_request: str | None = None) -> list[tuple[Message, ...]]:
@@ -94,10 +108,6 @@ def _conversations(item: Sample | PreferencePair, critique_request: str | None =
         (*item.prompt, Message.assistant(reply), Message.user(critique_request), Message.assistant(critique or ""))
         for reply, critique in sides
     ]
-
-
-def _images(item: Sample | PreferencePair) -> tuple[ImageRef, ...]:
-    return item.images
 
 
 def _with_prompt(item: T, turns: tuple[Message, ...]) -> T:
@@ -217,25 +227,20 @@ def fit_lengths(
 
 
 def _lengths(counter: TokenCounter, items: Sequence[Any], rows: Sequence[int], path: str | Path) -> list[int]:
-    """The longest encoded sequence of each item."""
-    convs, images, owner = [], [], []
-    for k, item in enumerate(items):
-        for conv in _conversations(item, counter.critique_request):
-            convs.append(conv)
-            images.append(_images(item))
-            owner.append(k)
-    out = [0] * len(items)
+    """The longest encoded sequence of each item (its images counted once: every sequence of an item holds them)."""
+    groups = [_conversations(item, counter.critique_request) for item in items]
     try:
-        texts = [render(counter.processor, conv, generation_prompt=counter.generation_prompt) for conv in convs]
-        text_n = counter.text_tokens(texts)
+        text = counter.conversation_tokens([conv for group in groups for conv in group])
     except (TemplateError, ValueError, TypeError) as err:  # a chat template that rejects a conversation
         raise DataError(path, None, None, f"the model's chat template cannot render a conversation: {err}") from None
-    for k, n, refs in zip(owner, text_n, images, strict=True):
+    out, at = [], 0
+    for item, row, group in zip(items, rows, groups, strict=True):
         try:
-            extra = sum(counter.image_extra(ref, items[k].root) for ref in refs)
+            images = counter.image_tokens(item.images, item.root)
         except MediaError as err:
-            raise DataError(path, rows[k], "images", str(err)) from None
-        out[k] = max(out[k], n + extra)
+            raise DataError(path, row, "images", str(err)) from None
+        out.append(max(text[at : at + len(group)]) + images)
+        at += len(group)
     return out
 
 

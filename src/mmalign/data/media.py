@@ -253,8 +253,11 @@ class MediaChecker:
         if self._checked is not None:
             self._checked.save()
 
-    def check_path(self, path: str, *, kind: str = "image") -> None:
+    def check_path(self, path: str, *, kind: str = "image") -> Path:
         """Check a media path: inside the root, an existing file and (images) decodable.
+
+        Returns:
+            The path to open (``resolve_in_root``'s answer).
 
         Raises:
             MediaError: with the reason, e.g. ``image file not found: images/x.png``.
@@ -275,6 +278,7 @@ class MediaChecker:
             self._paths[(path, kind)] = seen
         if seen is not None:
             raise MediaError(seen)
+        return Path(os.path.join(self.root, path))
 
     def check_data(self, data: bytes, *, kind: str = "image") -> None:
         """Check encoded media bytes (images are decoded when ``decode`` is set).

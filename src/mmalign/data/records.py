@@ -96,9 +96,9 @@ def parse_sample(
     if meta is not None and not _is_mapping(meta):
         raise ctx.error("meta", f"must be an object, got {type_name(meta)}")
     messages, plain_text = parse_conversation(record, ctx)
-    check_texts(messages, "conversations" if "messages" not in record else "messages", ctx)
+    field = "conversations" if "messages" not in record else "messages"
+    check_texts(messages, field, ctx)
     if needs_reply and not any(m.role == "assistant" and m.text.strip() for m in messages):
-        field = "conversations" if "messages" not in record else "messages"
         raise ctx.error(field, "no assistant turn with text: nothing to learn from")
     image_values, image_field = media_values(record, "images", "image", ctx)
     audio_values, audio_field = media_values(record, "audios", "audio", ctx)

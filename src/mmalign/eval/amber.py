@@ -34,7 +34,7 @@ from typing import Any
 from mmalign.errors import ConfigError, DataError
 from mmalign.eval.chair_score import word_tokenize
 from mmalign.eval.coco_vocab import singularize
-from mmalign.eval.io import get_field, int_field, read_rows, show, str_field
+from mmalign.eval.io import get_field, int_field, read_rows, read_text, require_file, show, str_field
 
 GENERATIVE = "generative"
 # Annotation type → dimension of the discriminative task.
@@ -100,10 +100,7 @@ class AmberData:
 
 
 def _file(directory: Path, name: str) -> Path:
-    path = directory / name
-    if not path.is_file():
-        raise DataError(path, None, None, "file not found (give the AMBER repository's data/ directory)")
-    return path
+    return require_file(directory, name, "give the AMBER repository's data/ directory")
 
 
 def read_amber_data(directory: str | Path) -> AmberData:
@@ -114,11 +111,7 @@ def read_amber_data(directory: str | Path) -> AmberData:
     """
     root = Path(directory)
     relation = _read_relation(_file(root, "relation.json"))
-    safe_path = _file(root, "safe_words.txt")
-    try:
-        safe = frozenset(safe_path.read_text(encoding="utf-8").splitlines())
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(safe_path, None, None, f"cannot read file ({err})") from None
+    safe = frozenset(read_text(_file(root, "safe_words.txt")).splitlines())
     path = _file(root, "annotations.json")
     annotations = tuple(_annotation(path, row, rec, relation) for row, rec in read_rows(path))
     return AmberData(annotations, relation, safe, root)

@@ -108,11 +108,9 @@ def _add_llava_bench(esub: argparse._SubParsersAction) -> None:
 
 
 def _write_json(path: str | Path, obj: Any) -> None:
-    from mmalign.runtime.checkpoint import atomic_write_text
+    from mmalign.runtime.checkpoint import atomic_write_json
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(path, obj, ensure_ascii=False)
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -136,14 +134,16 @@ class _Images:
 
     def check(self, name: str, path: str | Path, row: int, field: str) -> Path:
         """The image's absolute path; a path outside the root or an unusable image is a ``DataError``."""
-        from mmalign.data.media import resolve_in_root
         from mmalign.errors import MediaError
 
         try:
-            self._checker.check_path(name)
-            return resolve_in_root(name, self.root)
+            return self._checker.check_path(name)
         except MediaError as err:
             raise DataError(path, row, field, str(err)) from None
+
+    def save(self) -> None:
+        """Remember the images that decoded, for the next run (``MediaChecker.save``)."""
+        self._checker.save()
 
 
 def _sample(ident: str, text: str, image: Path | bytes | None) -> Any:
@@ -260,6 +260,7 @@ def _amber_generate(args: argparse.Namespace, data: Any) -> list[tuple[int, str]
             describe.append(_sample(str(q.id), q.query, image))
         else:
             ask.append(_sample(str(q.id), q.query + args.suffix, image))
+    images.save()
     loaded = _load_model(args)
     texts = dict(zip((s.id for s in describe), _generate(loaded, describe, args, "AMBER descriptions")))
     replies = _generate(loaded, ask, args, "AMBER yes/no", tokens=8)
@@ -309,6 +310,7 @@ def _mmhal_generate(args: argparse.Namespace, items: Sequence[Any]) -> list[str]
         _sample(str(it.index), it.question, images.check(it.image_name, args.data, it.index + 1, "image_src"))
         for it in items
     ]
+    images.save()
     answers = _generate(_load_model(args), samples, args, "MMHal answers")
     rows = [_mmhal_row(it, a) for it, a in zip(items, answers)]
     _write_json(Path(args.out).with_suffix(".responses.json"), rows)
@@ -334,9 +336,11 @@ def cmd_eval_objhal(args: argparse.Namespace) -> int:
 
     vocab = read_chair_synonyms(args.synonyms, strip=True) if args.synonyms else ChairVocab.coco()
     questions = _limited(read_objhal_questions(args.data, need_images=args.model is not None), args)
-    truth = read_coco_truth(args.coco, vocab)
-    if args.answers is not None:
-        answers = read_objhal_answers(args.answers, questions)
+    answers = read_objhal_answers(args.answers, questions) if args.answers is not None else None
+    # The ground truth of the images answered (read before any generation: a bad COCO file fails at once).
+    ids = {a.image_id for a in answers} if answers is not None else {q.image_id for q in questions}
+    truth = read_coco_truth(args.coco, vocab, ids)
+    if answers is not None:
         source = args.answers
     else:
         answers = _objhal_generate(args, questions)
@@ -349,19 +353,18 @@ def cmd_eval_objhal(args: argparse.Namespace) -> int:
 
 
 def _objhal_generate(args: argparse.Namespace, questions: Sequence[Any]) -> list[Any]:
-    """Describe each image (decoded from the question file's base64 before generation)."""
-    from mmalign.data.media import check_image, decode_base64
+    """Describe each image (its base64 decoded by the reader, the image itself checked here before generation)."""
+    from mmalign.data.media import check_image
     from mmalign.errors import MediaError
     from mmalign.eval.objhal import ObjHalAnswer
 
     samples = []
     for q in questions:
         try:
-            data = decode_base64(q.image)
-            check_image(data)
+            check_image(q.image)
         except MediaError as err:
             raise DataError(args.data, q.row, "image", str(err)) from None
-        samples.append(_sample(str(q.row), q.question, data))
+        samples.append(_sample(str(q.row), q.question, q.image))
     texts = _generate(_load_model(args), samples, args, "Object HalBench")
     answers = [ObjHalAnswer(q.row, q.image_id, t, q.question) for q, t in zip(questions, texts)]
     model_id = Path(args.model).name
@@ -414,6 +417,7 @@ def _llava_generate(args: argparse.Namespace, questions: Sequence[Any]) -> list[
         _sample(str(q.question_id), q.text, images.check(q.image, qpath, row, "image"))
         for row, q in enumerate(questions, start=1)
     ]
+    images.save()
     texts = _generate(_load_model(args), samples, args, "LLaVA-Bench answers")
     model_id = Path(args.model).name
     rows = [

@@ -45,6 +45,14 @@ def read_rows(path: str | Path) -> list[Row]:
     return _rows(path, text, _parse_whole(text))
 
 
+def require_file(directory: Path, name: str, hint: str) -> Path:
+    """``directory / name``, which must be a file (a released benchmark's layout; ``hint`` says which directory)."""
+    path = directory / name
+    if not path.is_file():
+        raise DataError(path, None, None, f"file not found ({hint})")
+    return path
+
+
 def read_text(path: str | Path) -> str:
     try:
         if Path(path).exists() and not Path(path).is_file():
@@ -135,19 +143,18 @@ def _optional_str(path: str | Path, row: int, rec: dict[str, Any], field: str) -
 # --- POPE ---------------------------------------------------------------------------------------------------
 
 
-def read_pope_questions(path: str | Path, image_root: str | Path | None = None) -> list[PopeQuestion]:
+def read_pope_questions(path: str | Path, checker: MediaChecker | None = None) -> list[PopeQuestion]:
     """POPE questions with their labels (official JSONL schema, or a JSON array of the same rows).
 
     ``category`` (LLaVA's combined file) becomes ``PopeQuestion.split``; ``object`` is read when present,
-    else taken from the "Is there a/an {object} in the image?" template when the text follows it. With
-    ``image_root`` every image is checked as the training loaders check theirs (inside the root after symlinks, a
-    regular file, decodable, under the pixel limit), each distinct file once.
+    else taken from the "Is there a/an {object} in the image?" template when the text follows it. With a
+    ``checker`` (of the images' root) every image is checked as the training loaders check theirs (inside the root
+    after symlinks, a regular file, decodable, under the pixel limit), each distinct file once per checker.
 
     Raises:
         DataError: a bad row (missing or mistyped field, label not yes/no, duplicate ``question_id``, an image
             that cannot be used), or no rows.
     """
-    checker = MediaChecker(image_root, remember=True) if image_root is not None else None
     rows = read_rows(path)
     if not rows:
         raise DataError(path, None, None, "no questions in file")
@@ -180,8 +187,6 @@ def read_pope_questions(path: str | Path, image_root: str | Path | None = None) 
                 object=obj,
             )
         )
-    if checker is not None:
-        checker.save()
     return questions
 
 

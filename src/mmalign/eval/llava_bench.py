@@ -23,7 +23,7 @@ from typing import Any
 
 from mmalign.errors import DataError
 from mmalign.eval.bench_judge import BenchJudge, JudgeOutput, JudgeRequest
-from mmalign.eval.io import get_field, int_field, read_rows, show, str_field
+from mmalign.eval.io import get_field, int_field, read_rows, require_file, show, str_field
 
 ROLE = "Assistant"
 # The rule prompt, paraphrased from LLaVA's ``rule.json`` (the spec does not quote it); ``--rule rule.json`` uses the
@@ -62,10 +62,7 @@ class Rule:
 
 
 def _file(directory: Path, name: str) -> Path:
-    path = directory / name
-    if not path.is_file():
-        raise DataError(path, None, None, "file not found (give the llava-bench-in-the-wild directory)")
-    return path
+    return require_file(directory, name, "give the llava-bench-in-the-wild directory")
 
 
 def _caption(path: Path, row: int, rec: dict[str, Any]) -> str:

@@ -207,7 +207,7 @@ def score_mmhal(items: Sequence[MMHalItem], outputs: Sequence[JudgeOutput], judg
     n = len(scores)
     by_type: dict[str, list[int]] = {t: [] for t in QUESTION_TYPES}
     for item, s in zip(items, scores):
-        by_type[QUESTION_TYPES[item.index % 8]].append(s)
+        by_type[item.question_type].append(s)
     return {
         "average_score": sum(scores) / n if n else 0.0,
         "hallucination_rate": sum(s < 3 for s in scores) / n if n else 0.0,

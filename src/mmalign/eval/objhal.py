@@ -18,7 +18,7 @@ the vocabulary is ``--synonyms`` (RLHF-V's ``synonyms_refine.txt``) or, by defau
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,12 @@ COCO_FILES = ("instances_val2014.json", "instances_train2014.json", "captions_va
 
 @dataclass(frozen=True)
 class ObjHalQuestion:
-    """One line of the question file; ``image`` is the base64 JPEG text ("" when the file has none)."""
+    """One line of the question file; ``image`` is its JPEG, decoded from the base64 text (empty when not read)."""
 
     row: int
     image_id: int
     question: str
-    image: str = ""
+    image: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,10 @@ def read_objhal_questions(path: str | Path, *, need_images: bool = False) -> lis
     """
     out = []
     for row, rec in read_rows(path):
-        image = ""
+        image = b""
         if need_images:
-            image = str_field(path, row, rec, "image")
             try:
-                decode_base64(image)
+                image = decode_base64(str_field(path, row, rec, "image"))
             except MediaError as err:
                 raise DataError(path, row, "image", str(err)) from None
         out.append(
@@ -99,9 +98,11 @@ def read_objhal_answers(path: str | Path, questions: Sequence[ObjHalQuestion] | 
     return out
 
 
-def read_coco_truth(directory: str | Path, vocab: ChairVocab) -> dict[int, set[str]]:
+def read_coco_truth(
+    directory: str | Path, vocab: ChairVocab, image_ids: Collection[int] | None = None
+) -> dict[int, set[str]]:
     """COCO ground truth per image id: instance categories ∪ reference-caption objects, from the 2014 files present
-    in ``directory`` (val and train; at least one instances file).
+    in ``directory`` (val and train; at least one instances file); with ``image_ids``, of those images only.
 
     Raises:
         DataError: no instances file, or a malformed one.
@@ -111,15 +112,17 @@ def read_coco_truth(directory: str | Path, vocab: ChairVocab) -> dict[int, set[s
     instances = [p for p in present if p.name.startswith("instances")]
     if not instances:
         raise DataError(root, None, None, "no instances_val2014.json (or instances_train2014.json) in the directory")
+    wanted = None if image_ids is None else {str(i) for i in image_ids}
     truth: dict[int, set[str]] = {}
     for path in present:
         found = (
             read_object_annotations(path, vocab)
             if path.name.startswith("instances")
-            else read_reference_caption_objects(path, vocab)
+            else read_reference_caption_objects(path, vocab, wanted)
         )
         for image_id, objects in found.items():
-            truth.setdefault(int(image_id), set()).update(objects)
+            if wanted is None or image_id in wanted:
+                truth.setdefault(int(image_id), set()).update(objects)
     return truth
 
 

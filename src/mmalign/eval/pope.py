@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mmalign.data.media import MediaChecker
 from mmalign.errors import ConfigError, DataError
 from mmalign.eval.generate import generate_answers, yes_no_logits
 from mmalign.eval.io import read_pope_questions
@@ -43,15 +44,19 @@ def load_pope_sets(data: str | Path, split: str = "all", image_root: str | Path 
     path = Path(data)
     wanted = list(SPLITS) if split == "all" else [split]
     if path.is_dir():
+        checker = MediaChecker(path, remember=True)  # the splits ask about the same images: each is checked once
         sets = []
         for name in wanted:
             f = path / f"pope_{name}.jsonl"
             if not f.is_file():
                 raise DataError(f, None, None, f"no POPE file for split {name!r} in {path}")
-            sets.append(PopeSet(name, read_pope_questions(f, path), path))
+            sets.append(PopeSet(name, read_pope_questions(f, checker), path))
+        checker.save()
         return sets
     root = Path(image_root) if image_root is not None else path.parent
-    questions = read_pope_questions(path, root)
+    checker = MediaChecker(root, remember=True)
+    questions = read_pope_questions(path, checker)
+    checker.save()
     categories = sorted({q.split for q in questions if q.split})
     if not categories:
         name = split if split != "all" else path.stem

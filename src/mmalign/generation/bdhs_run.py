@@ -70,9 +70,8 @@ _NOT_OURS = "is not a row `mmalign pairs bdhs` writes; continue only a file it w
 
 def _check_unique_ids(loaded: LoadResult) -> None:
     """A ``DataError`` naming the file, both rows and the field ``id`` when two samples share an id."""
-    rows = loaded.rows or list(range(1, len(loaded.samples) + 1))
     first: dict[str, int] = {}
-    for sample, row in zip(loaded.samples, rows):
+    for sample, row in zip(loaded.samples, loaded.rows, strict=True):
         if sample.id in first:
             raise DataError(
                 loaded.path,

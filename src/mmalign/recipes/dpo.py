@@ -166,12 +166,12 @@ def _pair_logps(
 def _prepare(cfg: DpoConfig, accelerator: Any) -> tuple[Any, list[PreferencePair], ForwardOptions, Any, Batches]:
     """The run's data (as loaded, and the pairs it trains on), forward options, model and batch order."""
     data = load_pairs(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples)
-    loaded = load_model(cfg.model)
     pairs = _with_reward_margins(data.pairs, cfg) if cfg.reward_model else data.pairs
     if cfg.loss == "mm_dpo" and any(p.margin is None for p in pairs):
         missing = next(p.id for p in pairs if p.margin is None)
         raise ConfigError(f"loss=mm_dpo needs margins: pair {missing!r} of {cfg.data} has none (or set reward_model)")
     pairs = [_without_images(p) for p in pairs] if cfg.drop_images else pairs
+    loaded = load_model(cfg.model)
     # The sequences as they will be encoded (without their images under drop_images), against max_length.
     pairs = fit_lengths(
         loaded.processor, pairs, data.rows, data.path, cfg.max_length, cfg.truncation, field="chosen"

@@ -29,6 +29,7 @@ import copy
 import logging
 import random
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -236,23 +237,29 @@ def _fit_prompts(processor: Any, data: Any, cfg: OnlineDpoConfig) -> list[Sample
     return out
 
 
-def policy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The VLM's weights under its Hugging Face names, LoRA adapters merged in (what ``engine=vllm`` loads).
-
-    A ``peft`` model is merged for the copy and unmerged again, so training goes on with the adapters apart.
-    """
+def push_policy(model: torch.nn.Module, load: Callable[[Iterable[tuple[str, torch.Tensor]]], Any]) -> None:
+    """Hand the VLM's weights to ``load`` (``engine=vllm``'s ``load_weights``) under their Hugging Face names, LoRA
+    adapters merged in for the call and unmerged after it, so training goes on with the adapters apart. No copy is
+    made: ``load`` copies what it keeps."""
     if not callable(getattr(model, "merge_adapter", None)):
-        return {k: v.detach() for k, v in model.state_dict().items()}
+        load((k, v.detach()) for k, v in model.state_dict().items())
+        return
     model.merge_adapter()
     try:
-        merged = {}
-        for name, value in model.state_dict().items():
-            if "lora_" in name or "modules_to_save" in name:
-                continue
-            merged[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value.detach().clone()
+        load(
+            (name.removeprefix("base_model.model.").replace(".base_layer.", "."), value.detach())
+            for name, value in model.state_dict().items()
+            if "lora_" not in name and "modules_to_save" not in name
+        )
     finally:
         model.unmerge_adapter()
-    return merged
+
+
+def policy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of what ``push_policy`` hands over: the VLM's weights under their Hugging Face names, LoRA merged."""
+    weights: dict[str, torch.Tensor] = {}
+    push_policy(model, lambda items: weights.update((k, v.clone()) for k, v in items))
+    return weights
 
 
 def train(cfg: OnlineDpoConfig) -> Path:
@@ -304,7 +311,7 @@ def train(cfg: OnlineDpoConfig) -> Path:
         set_lr(optimizer, lr)
         logged: dict[str, float] = {}
         if sync is not None:
-            sync(policy_weights(vlm).items())  # the policy as the last step left it
+            push_policy(vlm, sync)  # the policy as the last step left it
         for micro in range(cfg.grad_accum):
             m = step * cfg.grad_accum + micro
             idx = batch_indices(

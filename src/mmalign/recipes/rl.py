@@ -169,9 +169,6 @@ def train(cfg: RlConfig) -> Path:
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, value_head, value_scale)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     start, metrics = resume_and_log(accelerator, policy, optimizer, cfg)
-    for group in optimizer.param_groups:  # a resumed optimizer keeps its saved groups; the value_lr is this run's
-        if "lr_scale" in group:
-            group["lr_scale"] = value_scale
     generator = HFGenerator(unwrapped(accelerator, policy), loaded.processor, batch_size=cfg.batch_size)
     warmup = int(cfg.warmup_ratio * cfg.steps)
     bar = progress_bar(

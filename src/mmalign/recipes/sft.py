@@ -96,19 +96,18 @@ def train(cfg: TrainConfig) -> Path:
     # Data first: a bad file fails in a second, before any model is loaded.
     data = load_samples(cfg.data, on_bad_record=cfg.on_bad_record, limit=cfg.max_samples, needs_reply=True)
     loaded = load_model(cfg.model)
-    fitted = fit_lengths(loaded.processor, data.samples, data.rows, data.path, cfg.max_length, cfg.truncation)
     if cfg.pack and (loaded.family is None or not loaded.family.packable):
         name = loaded.family.name if loaded.family else loaded.model.config.model_type
         raise ConfigError(
             f"pack=true needs a family whose rows can be packed (1-D positions, one pixel row per image); {name} "
             "cannot be packed (pack=false)"
         )
+    samples = fit_lengths(loaded.processor, data.samples, data.rows, data.path, cfg.max_length, cfg.truncation).items
     model = trainable_model(loaded, cfg)
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
         log.info("%s", data.summary())
         log.info("trainable parameters: %d / %d", trainable, total)
-    samples = fitted.items
     batches = Batches.for_run(samples, cfg, accelerator.process_index, accelerator.num_processes)
 
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)

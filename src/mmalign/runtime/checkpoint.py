@@ -25,13 +25,20 @@ LATEST = "latest.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
+    with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, ensure_ascii: bool = True) -> None:
+    """Write ``obj`` as indented JSON to ``path`` (its directory made) through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=ensure_ascii) + "\n")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -86,7 +93,7 @@ def save_checkpoint(
     ``run``: the identity of the run that writes it (``mmalign.runtime.run.run_identity``), kept in ``state.json``
     so that ``--resume`` can refuse a checkpoint of other settings."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:08d}"
+    final = step_dir(ckpt_root, step)
     tmp = ckpt_root / f".step-{step:08d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -100,10 +107,17 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(ckpt_root / LATEST, json.dumps({"step": step, "dir": final.name}))
-    older = sorted(s for s in checkpoint_steps(ckpt_root) if s < step)
-    for old in older[: max(0, len(older) - (keep - 1))] + [s for s in checkpoint_steps(ckpt_root) if s > step]:
-        shutil.rmtree(ckpt_root / f"step-{old:08d}", ignore_errors=True)
+    steps = checkpoint_steps(ckpt_root)
+    kept = set(sorted(s for s in steps if s <= step)[-keep:])
+    for old in steps:
+        if old not in kept:
+            shutil.rmtree(step_dir(ckpt_root, old), ignore_errors=True)
     return final
+
+
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    """The directory of checkpoint ``step``."""
+    return ckpt_root / f"step-{step:08d}"
 
 
 def checkpoint_steps(ckpt_root: Path) -> list[int]:
@@ -144,8 +158,8 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
         name = None
     if not isinstance(name, str) or not (ckpt_root / name / "state.json").is_file():
         # A damaged pointer, or one naming a deleted checkpoint: the newest complete checkpoint instead.
-        complete = [s for s in checkpoint_steps(ckpt_root) if (ckpt_root / f"step-{s:08d}" / "state.json").is_file()]
-        return ckpt_root / f"step-{max(complete):08d}" if complete else None
+        complete = [s for s in checkpoint_steps(ckpt_root) if (step_dir(ckpt_root, s) / "state.json").is_file()]
+        return step_dir(ckpt_root, max(complete)) if complete else None
     return ckpt_root / name
 
 

@@ -169,7 +169,7 @@ def _read(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     if chosen.shape[0] != n:
         log.warning("%s: cache has %d pairs, data has %d; rescoring", path, chosen.shape[0], n)
         return empty
-    return chosen.clone(), rejected.clone(), present.bool()
+    return chosen, rejected, present.bool()
 
 
 def _write(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, present: torch.Tensor) -> None:
